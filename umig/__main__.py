@@ -1,0 +1,3 @@
+from umig.cli import main
+
+raise SystemExit(main())
