@@ -239,7 +239,8 @@ def print_table(rows):
     for r in rows:
         if not r["ok"]:
             label = "SKIPPED" if r.get("skipped") else "FAILED"
-            say(f"{r['size_mib']:>9} {label:>10}  {r['error'].splitlines()[0][:60]}")
+            reason = [line for line in r["error"].splitlines() if line.strip()][-1]
+            say(f"{r['size_mib']:>9} {label:>10}  {reason[:70]}")
             continue
         gbps = f"{r['gb_per_s']:.2f}" if r["gb_per_s"] is not None else "-"
         say(f"{r['size_mib']:>9} {r['total_s'] * 1e3:>10.1f} {r['frozen_s'] * 1e3:>10.1f} "
