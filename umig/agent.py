@@ -1,0 +1,133 @@
+"""The node daemon: receives migrations on a ZeroMQ ROUTER socket, restores them, reaps what it
+restored, and logs one line per event. One migration at a time; others are told it is busy."""
+import ipaddress
+import os
+import signal
+import sys
+import time
+import traceback
+import urllib.parse
+
+import zmq
+
+from umig import image
+from umig.errors import UmigError
+from umig.restore import restore
+from umig.state.signals import signal_name
+from umig.transport import Session, control, parse_control
+
+DEFAULT_LISTEN = "tcp://127.0.0.1:7707"
+SESSION_TIMEOUT = 30.0
+
+
+def _is_loopback(listen):
+    host = urllib.parse.urlsplit(listen).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class Agent:
+    def __init__(self, listen=DEFAULT_LISTEN, name=None, out=sys.stdout):
+        self.listen = listen
+        self.name = name or os.uname().nodename
+        self.out = out
+        self.socket = zmq.Context.instance().socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.RCVHWM, 16)
+        try:
+            self.socket.bind(listen)
+        except zmq.ZMQError as e:
+            raise UmigError(f"cannot listen on {listen}: {e}") from None
+        self.restored = {}  # pid to wait for -> the restored process's PID as shown
+
+    def log(self, line):
+        print(f"{self.name}: {line}", file=self.out, flush=True)
+
+    def serve(self):
+        if not _is_loopback(self.listen):
+            print(f"umig agent: warning: listening on {self.listen}, which is not loopback, without "
+                  "authentication: anyone who reaches it can start processes here", file=sys.stderr, flush=True)
+        print(f"umig agent {self.name} listening on {self.listen}", file=self.out, flush=True)
+        while True:
+            if self.socket.poll(200, zmq.POLLIN):
+                self._handle(self.socket.recv_multipart())
+            self._reap()
+
+    def _handle(self, frames):
+        identity, rest = frames[0], frames[1:]
+        try:
+            kind, meta = parse_control(rest)
+        except UmigError as e:
+            self.log(f"ignored a malformed message ({e})")
+            self.socket.send_multipart([identity] + control("failed", reason=str(e)))
+            return
+        if kind != "hello":
+            self.socket.send_multipart([identity] + control("failed", reason=f"no migration in progress for {kind!r}"))
+            return
+        self._migration(identity, meta)
+
+    def _busy(self, identity, frames):
+        if frames and frames[0].bytes == b"hello":
+            self.socket.send_multipart([identity] + control("failed", reason=f"agent {self.name} is busy with another migration"))
+
+    def _migration(self, identity, hello):
+        session = Session(self.socket, identity, SESSION_TIMEOUT, self._busy)
+        source = f"{hello.get('host', '?')}"
+        pid = hello.get("pid", "?")
+        started = time.monotonic()
+        restored = None
+        session.send("welcome", name=self.name)
+
+        def accept(header, state):
+            pages = sum(m["pages"] for m in state["memory"]["mappings"])
+            self.log(f"incoming pid {pid} from {source}: {len(state['memory']['mappings'])} mappings, {pages} pages")
+            session.send("accepted")
+
+        try:
+            reader = image.ImageReader(session.next_frame)
+            restored = restore(reader, str(hello.get("pid_mode", "keep")), on_accept=accept)
+            session.send("ready", target_pid=restored.pid)
+            session.expect("commit")
+            restored.resume()
+            session.send("running", target_pid=restored.pid)
+        except Exception as e:
+            if restored is not None:
+                restored.discard()
+            reason = str(e) if isinstance(e, UmigError) else f"internal error: {type(e).__name__}: {e}"
+            if not isinstance(e, UmigError):
+                traceback.print_exc(file=sys.stderr)
+            session.send("failed", reason=reason)
+            self.log(f"pid {pid} failed: {reason}")
+            return
+        self.restored[restored.init_pid or restored.pid] = restored.pid
+        self.log(f"pid {pid} restored as {restored.pid} ({reader.pages} pages, {reader.bytes} bytes, "
+                 f"total {time.monotonic() - started:.3f} s)")
+
+    def _reap(self):
+        for waited, shown in list(self.restored.items()):
+            try:
+                done, status = os.waitpid(waited, os.WNOHANG)
+            except ChildProcessError:
+                del self.restored[waited]
+                continue
+            if not done:
+                continue
+            del self.restored[waited]
+            if os.WIFSIGNALED(status):
+                outcome = f"killed by {signal_name(os.WTERMSIG(status))}"
+            else:
+                code = os.WEXITSTATUS(status)
+                # A PID namespace's init passes its child's death by signal on as 128 + signal.
+                outcome = f"killed by {signal_name(code - 128)}" if waited != shown and code > 128 \
+                    else f"exited with status {code}"
+            self.log(f"restored pid {shown} {outcome}")
+
+
+def run(listen, name):
+    agent = Agent(listen, name)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    agent.serve()

@@ -1,0 +1,159 @@
+"""umig's command line: agent, migrate, dump, restore, show, check."""
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+from umig import dump, image
+from umig.errors import UmigError
+
+
+def _human_bytes(n):
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+
+
+def _report(result, as_json, verb):
+    if as_json:
+        print(json.dumps(result))
+    else:
+        print(f"{verb} pid {result['source_pid']} to {result['target']}: pid {result['target_pid']} there; "
+              f"{result['pages']} pages ({_human_bytes(result['bytes'])}) in {result['total_s']:.3f} s, "
+              f"frozen {result['frozen_s']:.3f} s")
+
+
+def cmd_agent(args):
+    from umig import agent
+    agent.run(args.listen, args.name)
+
+
+def cmd_migrate(args):
+    from umig.migrate import migrate
+    _report(migrate(args.pid, args.target, args.pid_mode, args.timeout), args.json, "migrated")
+
+
+def cmd_dump(args):
+    started = time.monotonic()
+    dump.refuse_blocked(args.pid)
+    frozen = dump.freeze(args.pid)
+    frozen_at = time.monotonic()
+    sink = None
+    try:
+        sink = image.FileSink(args.output)
+        writer = image.ImageWriter(sink)
+        state, runs = dump.collect(frozen)
+        dump.write_image(writer, frozen, state, runs)
+        sink.close()
+    except BaseException:
+        if sink is not None:
+            os.unlink(args.output)
+        frozen.thaw()
+        raise
+    if args.leave_running:
+        frozen.thaw()
+    else:
+        frozen.release()
+    print(f"dumped pid {args.pid} to {args.output}: {writer.pages} pages ({_human_bytes(writer.bytes)}) "
+          f"in {time.monotonic() - started:.3f} s, frozen {time.monotonic() - frozen_at:.3f} s"
+          f"{'; left running' if args.leave_running else '; the process was ended'}")
+
+
+def cmd_restore(args):
+    from umig.restore import restore
+    started = time.monotonic()
+    reader = image.open_image_file(args.file)
+    restored = restore(reader, args.pid_mode)
+    restored.resume()
+    elapsed = round(time.monotonic() - started, 6)
+    _report({"source_pid": restored.state["pid"], "target": "local", "target_pid": restored.pid,
+             "pages": reader.pages, "bytes": reader.bytes, "total_s": elapsed, "frozen_s": elapsed},
+            args.json, "restored")
+
+
+def cmd_show(args):
+    reader = image.open_image_file(args.file)
+    header = next(reader).meta
+    state = next(reader).meta
+    batches = 0
+    for record in reader:
+        batches += record.kind == "pages"
+    print(f"umig image version {header['version']}, made {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(header['created']))} "
+          f"on {header['host']} (Linux {header['kernel']})")
+    print("\n".join(dump.describe(state)))
+    print(f"pages: {reader.pages} ({_human_bytes(reader.bytes)}) in {batches} batches; every checksum verified")
+
+
+def cmd_check(args):
+    blockers = dump.check(args.pid)
+    if not blockers:
+        print(f"pid {args.pid} can be migrated")
+        return 0
+    print(f"pid {args.pid} cannot be migrated:")
+    for blocker in blockers:
+        print(f"  {blocker}")
+    return 1
+
+
+def parser():
+    p = argparse.ArgumentParser(prog="umig", description="Move a running Linux process to another host.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    a = sub.add_parser("agent", help="run the node daemon that receives and restores migrations")
+    a.add_argument("--listen", default="tcp://127.0.0.1:7707", help="ZeroMQ endpoint (default: %(default)s)")
+    a.add_argument("--name", help="this node's name (default: the host name)")
+    a.set_defaults(func=cmd_agent)
+
+    def pid_mode_option(parser_):
+        parser_.add_argument("--pid", dest="pid_mode", choices=("keep", "any"), default="keep",
+                             help="keep: the process keeps its PID (in a new PID namespace if it is taken); "
+                                  "any: take whatever PID comes (default: keep)")
+
+    m = sub.add_parser("migrate", help="move a running process to an agent")
+    m.add_argument("pid", type=int)
+    m.add_argument("target", help="HOST, HOST:PORT or tcp://HOST:PORT of the target agent")
+    m.add_argument("--json", action="store_true", help="print one JSON object")
+    m.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the agent (default: %(default)s)")
+    pid_mode_option(m)
+    m.set_defaults(func=cmd_migrate)
+
+    d = sub.add_parser("dump", help="write a process's image to a file")
+    d.add_argument("pid", type=int)
+    d.add_argument("-o", "--output", required=True)
+    d.add_argument("--leave-running", action="store_true", help="resume the process after the dump")
+    d.set_defaults(func=cmd_dump)
+
+    r = sub.add_parser("restore", help="rebuild a process from an image file")
+    r.add_argument("file")
+    r.add_argument("--json", action="store_true")
+    pid_mode_option(r)
+    r.set_defaults(func=cmd_restore)
+
+    s = sub.add_parser("show", help="describe an image file")
+    s.add_argument("file")
+    s.set_defaults(func=cmd_show)
+
+    c = sub.add_parser("check", help="list what would block migrating a process")
+    c.add_argument("pid", type=int)
+    c.set_defaults(func=cmd_check)
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except UmigError as e:
+        print(f"umig: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("umig: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug: one line, the trace only when asked for
+        if os.environ.get("UMIG_DEBUG"):
+            traceback.print_exc()
+        print(f"umig: internal error: {type(e).__name__}: {e} (set UMIG_DEBUG=1 for the trace)", file=sys.stderr)
+        return 2

@@ -1,0 +1,86 @@
+"""The target side: verify the image against this host, start the restorer, feed it the plan and
+the pages as they arrive, and hold the rebuilt process stopped until the source commits.
+
+restore → resume: the restorer rebuilds the process from inside (freestanding C, restorer/), one
+command per step; at its last syscall, the munmap of its own code, the agent (its tracer) installs
+the final registers, xsave state and signal mask, and lets it run only on commit.
+"""
+import os
+
+from umig import procfs
+from umig.ptrace import Registers, Tracee
+from umig.restorer import Restorer
+from umig.state import credentials, files, memory, mm, registers, rseq, signals, task
+
+PTRACE_O_EXITKILL = 0x100000  # an agent that dies takes its half-restored processes with it
+
+
+def pid_mode(requested, pid):
+    """keep: take the image's PID (clone3 set_tid); ns: it is taken here, so keep it inside a new
+    PID namespace (raise() and abort() signal the TID glibc remembers); any: whatever PID comes."""
+    if requested == "any":
+        return "any"
+    return "ns" if os.path.exists(procfs.proc_path(pid)) else "keep"
+
+
+def check_target(state):
+    """Refuse, before anything is started, what this host cannot rebuild."""
+    memory.check_target(state["memory"])
+    mm.check_target(state["mm"])
+    files.check_target(state["files"])
+    task.check_target(state["task"])
+
+
+class RestoredProcess:
+    """A rebuilt process held at its restorer's last syscall, waiting for resume() or discard()."""
+
+    def __init__(self, restorer, tracee, state):
+        self.restorer = restorer
+        self.tracee = tracee
+        self.state = state
+        self.pid = restorer.pid            # as this host's initial PID namespace sees it
+        self.init_pid = restorer.init_pid  # the PID namespace's init in "ns" mode, else None
+
+    def resume(self):
+        self.tracee.detach()
+
+    def discard(self):
+        self.restorer.kill()
+
+
+def restore(records, requested_pid_mode="keep", on_accept=None):
+    """Rebuild the process of an image (an iterator of verified records, umig/image.py).
+    Returns a RestoredProcess, stopped; on any failure nothing it started is left behind."""
+    header = next(records)
+    state = next(records).meta
+    check_target(state)
+    restorer = Restorer()
+    restorer.start(pid_mode(requested_pid_mode, state["pid"]), state["pid"])
+    try:
+        tracee = Tracee(restorer.pid)
+        tracee.seize(PTRACE_O_EXITKILL)
+        tracee.interrupt()  # register sets are only readable at a stop
+        registers.check_target(state["registers"], tracee.get_xstate())
+        tracee.cont()
+        if on_accept:
+            on_accept(header.meta, state)
+        restorer.close_fds(files.lowest_free_fd(state["files"]))
+        memory.prepare(restorer, state["memory"], procfs.maps(restorer.pid))
+        for record in records:
+            if record.kind == "end":
+                break
+            memory.fill(restorer, record.meta["runs"], record.payload)
+        memory.finish(restorer, state["memory"])
+        mm.restore(restorer, state["mm"])
+        files.restore(restorer, state["files"])
+        task.restore(restorer, state["task"])
+        signals.restore(restorer, state["signals"])
+        rseq.restore(restorer, state["rseq"])
+        credentials.restore(restorer, state["credentials"])
+        restorer.finish()
+        tracee.finish_restore(Registers.from_bytes(state["registers"]["gpr"]), state["registers"]["xstate"],
+                              state["signals"]["blocked"])
+        return RestoredProcess(restorer, tracee, state)
+    except BaseException:
+        restorer.kill()
+        raise

@@ -1,0 +1,374 @@
+"""Memory: every mapping of /proc/PID/maps, the pages that must travel, and the vDSO set.
+
+Dump: classify each mapping, then find its pages with the PAGEMAP_SCAN ioctl (present or swapped;
+for private file mappings only the pages the process wrote) and read them in large runs from
+/proc/PID/mem. Restore: choose a hole for the restorer, clear its old mappings, move the vDSO set,
+map every mapping at its exact address, fill the pages, then set the final protections.
+"""
+import ctypes
+import hashlib
+import mmap
+import os
+import re
+import stat
+
+from umig import procfs
+from umig.errors import Refused, UmigError
+from umig.procfs import PAGE_SIZE
+
+PROT_READ, PROT_WRITE, PROT_EXEC = mmap.PROT_READ, mmap.PROT_WRITE, mmap.PROT_EXEC
+MAP_SHARED, MAP_PRIVATE, MAP_ANONYMOUS, MAP_GROWSDOWN = 0x01, 0x02, 0x20, 0x0100
+
+# Special mappings of the kernel's vDSO family ([vvar], [vvar_vclock], [vdso], ...): code in the vDSO
+# finds its data by fixed offsets, so the set moves as one block and keeps its layout.
+_VDSO_NAME = re.compile(r"\[(vvar|vdso)[a-z_]*\]")
+# The shared anonymous memory of MAP_SHARED|MAP_ANONYMOUS lives in an unlinked shmem file.
+_SHARED_ANON_NAMES = re.compile(r"/dev/zero \(deleted\)|\[anon_shmem:.*\]")
+BATCH_BYTES = 1 << 20
+RESTORER_STACK = 256 << 10
+
+# PAGEMAP_SCAN (linux/fs.h, kernel >= 6.7): page categories and the ioctl's argument.
+PAGE_IS_FILE, PAGE_IS_PRESENT, PAGE_IS_SWAPPED, PAGE_IS_PFNZERO = 1 << 2, 1 << 3, 1 << 4, 1 << 5
+
+
+class _ScanArg(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint64) for name in (
+        "size", "flags", "start", "end", "walk_end", "vec", "vec_len", "max_pages",
+        "category_inverted", "category_mask", "category_anyof_mask", "return_mask")]
+
+
+class _PageRegion(ctypes.Structure):
+    _fields_ = [("start", ctypes.c_uint64), ("end", ctypes.c_uint64), ("categories", ctypes.c_uint64)]
+
+
+_PAGEMAP_SCAN = (3 << 30) | (ctypes.sizeof(_ScanArg) << 16) | (ord("f") << 8) | 16
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _prot(perms):
+    return ((PROT_READ if perms[0] == "r" else 0) | (PROT_WRITE if perms[1] == "w" else 0)
+            | (PROT_EXEC if perms[2] == "x" else 0))
+
+
+def _perms(prot, shared):
+    return "".join(c if prot & bit else "-" for c, bit in (("r", PROT_READ), ("w", PROT_WRITE), ("x", PROT_EXEC))) \
+        + ("s" if shared else "p")
+
+
+# --- classification (also the pre-freeze check) ---------------------------------------------------
+
+def classify(entry):
+    """The kind of a mapping, or raise Refused naming it."""
+    path = entry.path
+    where = f"mapping {entry.start:x}-{entry.end:x}"
+    if path == "[vsyscall]":
+        return "vsyscall"
+    if _VDSO_NAME.fullmatch(path):
+        return "vdso"
+    if path == "[heap]":
+        return "heap"
+    if path == "[stack]":
+        return "stack"
+    if entry.shared and _SHARED_ANON_NAMES.fullmatch(path):
+        return "shared_anon"
+    if path == "" or path.startswith("[anon:"):
+        if entry.shared:
+            raise Refused(f"{where}: shared anonymous memory of an unknown kind")
+        return "anon"
+    if path.startswith("["):
+        raise Refused(f"{where}: special mapping {path} is not supported")
+    if path.endswith(" (deleted)"):
+        raise Refused(f"{where}: file {path[:-10]} was deleted (memfd, SysV shm and unlinked files are not supported)")
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise Refused(f"{where}: file {path}: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise Refused(f"{where}: {path} is not a regular file (device mappings are not supported)")
+    return "shared_file" if entry.shared else "file"
+
+
+def check(pid):
+    blockers = []
+    for entry in procfs.maps(pid):
+        try:
+            classify(entry)
+        except Refused as e:
+            blockers.append(str(e))
+    return blockers
+
+
+# --- file identity ---------------------------------------------------------------------------------
+
+def _elf_build_id(f):
+    """The GNU build-id note of an ELF file, or None."""
+    head = f.read(64)
+    if head[:4] != b"\x7fELF" or head[4] != 2:
+        return None
+    e_phoff = int.from_bytes(head[32:40], "little")
+    e_phentsize = int.from_bytes(head[54:56], "little")
+    e_phnum = int.from_bytes(head[56:58], "little")
+    for i in range(e_phnum):
+        f.seek(e_phoff + i * e_phentsize)
+        ph = f.read(e_phentsize)
+        if int.from_bytes(ph[0:4], "little") != 4:  # PT_NOTE
+            continue
+        offset, size = int.from_bytes(ph[8:16], "little"), int.from_bytes(ph[32:40], "little")
+        f.seek(offset)
+        notes = f.read(size)
+        pos = 0
+        while pos + 12 <= len(notes):
+            namesz, descsz, kind = (int.from_bytes(notes[pos + k:pos + k + 4], "little") for k in (0, 4, 8))
+            name_end = pos + 12 + ((namesz + 3) & ~3)
+            if kind == 3 and notes[pos + 12:pos + 12 + namesz] == b"GNU\0":  # NT_GNU_BUILD_ID
+                return notes[name_end:name_end + descsz].hex()
+            pos = name_end + ((descsz + 3) & ~3)
+    return None
+
+
+def file_identity(path, content=True):
+    """Size, mtime and (with content) the ELF build-id or else a SHA-256 of the bytes."""
+    st = os.stat(path)
+    identity = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    if content:
+        with open(path, "rb") as f:
+            build_id = _elf_build_id(f)
+            if build_id:
+                identity["build_id"] = build_id
+            else:
+                f.seek(0)
+                identity["sha256"] = hashlib.file_digest(f, "sha256").hexdigest()
+    return identity
+
+
+def check_identity(path, identity, what):
+    """Raise if the file at path is not the one the image was made from."""
+    try:
+        here = file_identity(path, content="build_id" in identity or "sha256" in identity)
+    except OSError as e:
+        raise UmigError(f"{what} {path}: {e.strerror} on the target") from None
+    for key in ("build_id", "sha256", "size", "mtime_ns"):
+        if key in identity and here.get(key) != identity[key]:
+            raise UmigError(f"{what} {path} differs on the target ({key} {here.get(key)} != {identity[key]})")
+
+
+# --- dump --------------------------------------------------------------------------------------------
+
+def _scan(pagemap_fd, start, end, anyof, returned):
+    """(start, end, categories) regions of [start, end) whose pages match any of `anyof`."""
+    vec = (_PageRegion * 512)()
+    while start < end:
+        arg = _ScanArg(size=ctypes.sizeof(_ScanArg), start=start, end=end, vec=ctypes.addressof(vec),
+                       vec_len=len(vec), category_anyof_mask=anyof, return_mask=returned)
+        n = _libc.ioctl(pagemap_fd, ctypes.c_ulong(_PAGEMAP_SCAN), ctypes.byref(arg))
+        if n < 0:
+            err = ctypes.get_errno()
+            raise UmigError(f"PAGEMAP_SCAN on [{start:x}, {end:x}) failed: {os.strerror(err)} "
+                            "(needs Linux 6.7 or later)")
+        for region in vec[:n]:
+            yield region.start, region.end, region.categories
+        start = arg.walk_end
+
+
+def _runs_to_carry(pagemap_fd, mapping):
+    """Page runs of a mapping that must travel, as [start, length] pairs."""
+    kind = mapping["kind"]
+    if kind in ("vdso", "vsyscall", "shared_file"):
+        return []
+    runs = []
+    for start, end, categories in _scan(pagemap_fd, mapping["start"], mapping["end"],
+                                        PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+                                        PAGE_IS_PRESENT | PAGE_IS_SWAPPED | PAGE_IS_FILE | PAGE_IS_PFNZERO):
+        if categories & PAGE_IS_PFNZERO:
+            continue  # the shared zero page: reads as zeros wherever it is mapped again
+        if kind == "file" and categories & PAGE_IS_FILE and not categories & PAGE_IS_SWAPPED:
+            continue  # still the file's own page: mapping the file again brings it back
+        if runs and runs[-1][0] + runs[-1][1] == start:
+            runs[-1][1] += end - start
+        else:
+            runs.append([start, end - start])
+    return runs
+
+
+def _without(entries, exclude):
+    """The maps entries with the range `exclude` cut out (umig's own scratch page, which the kernel
+    may have merged into a neighbouring anonymous mapping)."""
+    low, high = exclude
+    for entry in entries:
+        if entry.end <= low or entry.start >= high:
+            yield entry
+            continue
+        if entry.start < low:
+            yield entry._replace(end=low)
+        if entry.end > high:
+            yield entry._replace(start=high)
+
+
+def dump(pid, exclude):
+    """The memory section of the image, and the page runs to read (in address order)."""
+    mappings, files, runs = [], {}, []
+    pagemap_fd = os.open(procfs.proc_path(pid, "pagemap"), os.O_RDONLY)
+    try:
+        for entry in _without(procfs.maps(pid), exclude):
+            kind = classify(entry)
+            mapping = {"start": entry.start, "end": entry.end, "prot": _prot(entry.perms),
+                       "shared": entry.shared, "offset": entry.offset, "kind": kind, "path": entry.path}
+            if kind in ("file", "shared_file") and entry.path not in files:
+                files[entry.path] = file_identity(entry.path, content=kind == "file")
+            if kind == "vdso":
+                with open(procfs.proc_path(pid, "mem"), "rb", buffering=0) as mem:
+                    mem.seek(entry.start)
+                    # Unreadable data pages ([vvar]) hash as empty; the code page must match exactly.
+                    try:
+                        mapping["sha256"] = hashlib.sha256(mem.read(entry.size)).hexdigest()
+                    except OSError:
+                        mapping["sha256"] = None
+            carried = _runs_to_carry(pagemap_fd, mapping)
+            mapping["pages"] = sum(length for _, length in carried) // PAGE_SIZE
+            mappings.append(mapping)
+            runs.extend(carried)
+    finally:
+        os.close(pagemap_fd)
+    return {"mappings": mappings, "files": files}, runs
+
+
+def read_batches(pid, runs, batch_bytes=BATCH_BYTES):
+    """Yield (runs, buffer) batches of about batch_bytes, read straight from /proc/PID/mem
+    (which, unlike process_vm_readv, also reads PROT_NONE and read-only pages)."""
+    mem = os.open(procfs.proc_path(pid, "mem"), os.O_RDONLY)
+    try:
+        batch_runs, buffer, filled = [], bytearray(batch_bytes), 0
+        for start, length in runs:
+            while length:
+                take = min(length, batch_bytes - filled)
+                view = memoryview(buffer)[filled:filled + take]
+                if os.preadv(mem, [view], start) != take:
+                    raise UmigError(f"short read of pid {pid}'s memory at {start:x}")
+                batch_runs.append([start, take])
+                filled += take
+                start += take
+                length -= take
+                if filled == batch_bytes:
+                    yield batch_runs, buffer
+                    batch_runs, buffer, filled = [], bytearray(batch_bytes), 0
+        if filled:
+            yield batch_runs, memoryview(buffer)[:filled]
+    finally:
+        os.close(mem)
+
+
+# --- restore -----------------------------------------------------------------------------------------
+
+def vdso_layout(entries):
+    """The vDSO set as (name, offset from its first part, size), in address order."""
+    parts = [e for e in entries if _VDSO_NAME.fullmatch(e.path)]
+    if not parts:
+        return []
+    base = parts[0].start
+    return [(e.path, e.start - base, e.end - e.start) for e in parts]
+
+
+def check_target(section):
+    """Refuse an image this host cannot rebuild: another vDSO, or files that changed."""
+    image_vdso = [m for m in section["mappings"] if m["kind"] == "vdso"]
+    image_layout = [(m["path"], m["start"] - image_vdso[0]["start"], m["end"] - m["start"]) for m in image_vdso] \
+        if image_vdso else []
+    here = procfs.maps("self")
+    if image_layout != vdso_layout(here):
+        describe = lambda layout: ", ".join(f"{name} {size // 1024} KiB" for name, _, size in layout) or "none"
+        raise UmigError(f"the target kernel's vDSO layout ({describe(vdso_layout(here))}) differs from "
+                        f"the source's ({describe(image_layout)})")
+    for mapping, entry in zip(image_vdso, [e for e in here if _VDSO_NAME.fullmatch(e.path)]):
+        if mapping.get("sha256"):
+            with open("/proc/self/mem", "rb", buffering=0) as mem:
+                mem.seek(entry.start)
+                try:
+                    same = hashlib.sha256(mem.read(entry.size)).hexdigest() == mapping["sha256"]
+                except OSError:
+                    same = False
+            if not same:
+                raise UmigError(f"the target kernel's {mapping['path']} differs from the source's "
+                                "(another kernel build): the process holds pointers into it")
+    for path, identity in section["files"].items():
+        check_identity(path, identity, "mapped file")
+
+
+def find_hole(section, restorer_entries, size):
+    """The highest free range of `size` bytes that overlaps neither an image mapping nor anything
+    the restorer has mapped now, with a megabyte of margin (stack guard gaps) on each side."""
+    margin = 1 << 20
+    taken = sorted([(m["start"], m["end"]) for m in section["mappings"]] +
+                   [(e.start, e.end) for e in restorer_entries if e.path != "[vsyscall]"])
+    top = 0x7FFFFFFFF000
+    candidates = []
+    previous_end = 0x10000000
+    for start, end in taken + [(top, top)]:
+        if start - margin - size >= previous_end + margin:
+            candidates.append(start - margin - size)
+        previous_end = max(previous_end, end)
+    if not candidates:
+        raise UmigError("no free address range for the restorer: the image fills the address space")
+    return candidates[-1] & ~(PAGE_SIZE - 1)
+
+
+def prepare(restorer, section, restorer_entries):
+    """Relocate the restorer into a hole, clear its old mappings, move the vDSO set to its old
+    place and map every mapping of the image (writable where pages will be filled)."""
+    vdso_parts = [e for e in restorer_entries if _VDSO_NAME.fullmatch(e.path)]
+    vdso_size = sum(e.size for e in vdso_parts)
+    image = (restorer.image_size + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+    hole_size = image + RESTORER_STACK + vdso_size
+    hole = find_hole(section, restorer_entries, hole_size)
+    restorer.relocate(hole, hole_size)
+    for entry in restorer_entries:
+        if entry.path != "[vsyscall]" and not _VDSO_NAME.fullmatch(entry.path):
+            restorer.unmap(entry.start, entry.size)
+    # Through a parking place at the hole's end: the vDSO's old and new places may overlap.
+    parking = hole + hole_size - vdso_size
+    for entry in vdso_parts:
+        restorer.move(entry.start, parking + entry.start - vdso_parts[0].start, entry.size)
+    image_vdso = [m for m in section["mappings"] if m["kind"] == "vdso"]
+    for entry, mapping in zip(vdso_parts, image_vdso):
+        restorer.move(parking + entry.start - vdso_parts[0].start, mapping["start"], entry.size)
+    for m in section["mappings"]:
+        if m["kind"] in ("vdso", "vsyscall"):
+            continue
+        prot = m["prot"] | (PROT_READ | PROT_WRITE if m["pages"] else 0)
+        if m["kind"] in ("file", "shared_file"):
+            flags = MAP_SHARED if m["shared"] else MAP_PRIVATE
+            open_flags = os.O_RDWR if m["shared"] and m["prot"] & PROT_WRITE else os.O_RDONLY
+            restorer.map(m["start"], m["end"] - m["start"], m["offset"], prot, flags, open_flags, m["path"])
+        else:
+            flags = (MAP_SHARED if m["shared"] else MAP_PRIVATE) | MAP_ANONYMOUS \
+                | (MAP_GROWSDOWN if m["kind"] == "stack" else 0)
+            restorer.map(m["start"], m["end"] - m["start"], 0, prot, flags, 0, None)
+
+
+def fill(restorer, runs, payload):
+    """Send one batch of pages to their addresses."""
+    view = memoryview(payload)
+    offset = 0
+    for start, length in runs:
+        restorer.pages(start, view[offset:offset + length])
+        offset += length
+
+
+def finish(restorer, section):
+    """Final protections and anonymous mapping names, once every page is in."""
+    for m in section["mappings"]:
+        if m["kind"] in ("vdso", "vsyscall"):
+            continue
+        if m["pages"] and m["prot"] != m["prot"] | PROT_READ | PROT_WRITE:
+            restorer.protect(m["start"], m["end"] - m["start"], m["prot"])
+        if m["path"].startswith("[anon:"):
+            restorer.vma_name(m["start"], m["end"] - m["start"], m["path"][len("[anon:"):-1])
+
+
+def describe(section):
+    lines = [f"memory: {len(section['mappings'])} mappings, "
+             f"{sum(m['pages'] for m in section['mappings'])} pages carried"]
+    for m in section["mappings"]:
+        size = m["end"] - m["start"]
+        lines.append(f"  {m['start']:012x}-{m['end']:012x} {_perms(m['prot'], m['shared'])} "
+                     f"{size // 1024:>9} KiB {m['pages']:>8} pages  {m['kind']:<11} {m['path']}")
+    return lines

@@ -1,0 +1,68 @@
+"""Signals: every handler with its flags, restorer and mask; the blocked mask; pending signals of
+the thread and of the process; the alternate signal stack.
+
+/proc only shows which signals are caught, not how: handlers and the alternate stack are read by
+running rt_sigaction and sigaltstack inside the frozen process. The blocked mask is installed by
+the agent through ptrace at the very end, so that no pending signal reaches the restorer's code.
+"""
+import signal
+import struct
+
+SYS_RT_SIGACTION, SYS_SIGALTSTACK = 13, 131
+SIGKILL, SIGSTOP = 9, 19
+SS_ONSTACK, SS_DISABLE = 1, 2
+_SIGACTION = struct.Struct("<QQQQ")      # handler, flags, restorer, mask (the kernel's layout)
+_STACK = struct.Struct("<QiiQ")          # ss_sp, ss_flags, padding, ss_size
+SIG_DFL, SIG_IGN = 0, 1
+
+
+def signal_name(signo):
+    try:
+        return signal.Signals(signo).name
+    except ValueError:
+        return f"SIGRTMIN+{signo - signal.SIGRTMIN}" if signo >= signal.SIGRTMIN else f"signal {signo}"
+
+
+def mask_names(mask):
+    return ",".join(signal_name(s) for s in range(1, 65) if mask & (1 << (s - 1))) or "none"
+
+
+def dump(frozen):
+    """frozen: the dump context (remote syscalls, scratch memory, tracee)."""
+    actions = []
+    for signo in range(1, 65):
+        if signo in (SIGKILL, SIGSTOP):
+            continue
+        frozen.syscall_checked("rt_sigaction", SYS_RT_SIGACTION, signo, 0, frozen.scratch, 8)
+        handler, flags, restorer, mask = _SIGACTION.unpack(frozen.read(frozen.scratch, _SIGACTION.size))
+        if handler != SIG_DFL or flags or mask:
+            actions.append([signo, handler, flags, restorer, mask])
+    frozen.syscall_checked("sigaltstack", SYS_SIGALTSTACK, 0, frozen.scratch)
+    sp, flags, _, size = _STACK.unpack(frozen.read(frozen.scratch, _STACK.size))
+    pending = [{"shared": shared, "signo": int.from_bytes(info[:4], "little"), "info": info}
+               for shared in (False, True) for info in frozen.tracee.pending_signals(shared=shared)]
+    return {"actions": actions, "blocked": frozen.blocked, "pending": pending,
+            "altstack": {"sp": sp, "flags": flags, "size": size}}
+
+
+def restore(restorer, section):
+    for signo, handler, flags, sa_restorer, mask in section["actions"]:
+        restorer.sigaction(signo, handler, flags, sa_restorer, mask)
+    altstack = section["altstack"]
+    if not altstack["flags"] & SS_DISABLE:
+        # SS_ONSTACK only says the process was running on it; it is not a flag one can set.
+        restorer.sigaltstack(altstack["sp"], altstack["flags"] & ~SS_ONSTACK, altstack["size"])
+    for entry in section["pending"]:
+        restorer.sigqueue(entry["signo"], entry["shared"], entry["info"])
+
+
+def describe(section):
+    lines = [f"signals: blocked {mask_names(section['blocked'])}; "
+             f"pending {', '.join(signal_name(p['signo']) + (' (process)' if p['shared'] else '') for p in section['pending']) or 'none'}"]
+    for signo, handler, flags, sa_restorer, mask in section["actions"]:
+        what = {SIG_DFL: "default", SIG_IGN: "ignored"}.get(handler, f"handler {handler:#x}")
+        lines.append(f"  {signal_name(signo):<10} {what} flags {flags:#x} mask {mask_names(mask)}")
+    altstack = section["altstack"]
+    if not altstack["flags"] & SS_DISABLE:
+        lines.append(f"  alternate stack {altstack['sp']:#x} size {altstack['size']}")
+    return lines

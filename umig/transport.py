@@ -1,0 +1,189 @@
+"""ZeroMQ between a source and a target agent.
+
+The source is a DEALER, the agent a ROUTER. Every message starts with a kind frame: control
+messages carry one msgpack frame after it, image records carry their own frames (umig/image.py).
+
+  source                              agent
+  hello {pid_mode, host}        ->
+                                <-    welcome {name} | failed {reason}
+  record header, record state   ->
+                                <-    accepted | failed {reason}
+  record pages ..., record end  ->    (failed {reason} may come at any time)
+                                <-    ready {target_pid} | failed {reason}
+  commit                        ->
+                                <-    running {target_pid} | failed {reason}
+  abort {reason} (at any time, when the source gives up)
+
+A lost connection is seen at once through the socket monitor, so a dead agent costs no timeout.
+"""
+import collections
+import time
+
+import msgpack
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from umig.errors import UmigError
+
+DEFAULT_PORT = 7707
+# Page batches are ~1 MiB: a few in flight keep the pipe full and the memory bounded.
+HIGH_WATER_MARK = 8
+
+
+def endpoint(target):
+    """HOST, HOST:PORT or a full tcp:// endpoint."""
+    if "://" in target:
+        return target
+    host, _, port = target.rpartition(":") if target.count(":") == 1 else (target, "", "")
+    return f"tcp://{host or target}:{port or DEFAULT_PORT}"
+
+
+def control(kind, **meta):
+    return [kind.encode(), msgpack.packb(meta)]
+
+
+def parse_control(frames):
+    """(kind, meta) of a control message; raises UmigError on anything malformed."""
+    try:
+        kind = bytes(frames[0]).decode()
+        meta = msgpack.unpackb(bytes(frames[1])) if len(frames) > 1 else {}
+    except (IndexError, UnicodeDecodeError, ValueError, msgpack.UnpackException):
+        raise UmigError("malformed control message") from None
+    if not isinstance(meta, dict):
+        raise UmigError("malformed control message")
+    return kind, meta
+
+
+class Connection:
+    """The source's end: a DEALER that notices a lost peer through its monitor."""
+
+    def __init__(self, target, timeout):
+        self.endpoint = endpoint(target)
+        self.timeout = timeout
+        self._context = zmq.Context.instance()
+        self._socket = self._context.socket(zmq.DEALER)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.setsockopt(zmq.IMMEDIATE, 1)
+        self._socket.setsockopt(zmq.SNDHWM, HIGH_WATER_MARK)
+        self._socket.setsockopt(zmq.RECONNECT_IVL, 100)
+        self._monitor = self._socket.get_monitor_socket(
+            zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_CLOSED)
+        self._poller = zmq.Poller()
+        self._poller.register(self._monitor, zmq.POLLIN)
+        self._connected = False
+        self._pending = collections.deque()
+        try:
+            self._socket.connect(self.endpoint)
+        except zmq.ZMQError as e:
+            raise UmigError(f"bad target {target!r}: {e}") from None
+
+    def _watch(self, timeout):
+        """Wait up to timeout for monitor events or socket readiness; returns poll results."""
+        events = dict(self._poller.poll(timeout * 1000))
+        if self._monitor in events:
+            while self._monitor.poll(0):
+                event = recv_monitor_message(self._monitor)["event"]
+                if event == zmq.EVENT_CONNECTED:
+                    self._connected = True
+                elif event == zmq.EVENT_CONNECT_RETRIED and not self._connected:
+                    raise UmigError(f"no agent answers at {self.endpoint} (connection refused)")
+                elif event in (zmq.EVENT_DISCONNECTED, zmq.EVENT_CLOSED) and self._connected:
+                    raise UmigError(f"connection to the agent at {self.endpoint} was lost")
+        return events
+
+    def _wait(self, flag, what):
+        deadline = time.monotonic() + self.timeout
+        self._poller.register(self._socket, flag)
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise UmigError(f"the agent at {self.endpoint} did not answer within {self.timeout:g} s ({what})")
+                if self._socket in self._watch(min(left, 0.5)):
+                    return
+        finally:
+            self._poller.unregister(self._socket)
+
+    def send(self, frames, what="sending"):
+        # A failure the agent reports while pages still stream must stop the stream at once.
+        while self._socket.poll(0, zmq.POLLIN):
+            self._pending.append(self._socket.recv_multipart())
+            kind, meta = parse_control(self._pending[-1])
+            if kind == "failed":
+                raise UmigError(f"target failed: {meta.get('reason', 'no reason given')}")
+        self._wait(zmq.POLLOUT, what)
+        self._socket.send_multipart(frames, copy=False)
+
+    def send_record(self, frames):
+        self.send([b"record"] + frames, "sending the image")
+
+    def send_control(self, kind, **meta):
+        self.send(control(kind, **meta), f"sending {kind}")
+
+    def expect(self, kind, what):
+        """The next control message, which must be `kind` (a `failed` becomes the error)."""
+        if self._pending:
+            frames = self._pending.popleft()
+        else:
+            self._wait(zmq.POLLIN, what)
+            frames = self._socket.recv_multipart()
+        got, meta = parse_control(frames)
+        if got == "failed":
+            raise UmigError(f"target failed: {meta.get('reason', 'no reason given')}")
+        if got != kind:
+            raise UmigError(f"the agent answered {got!r} where {kind!r} was due")
+        return meta
+
+    def close(self):
+        self._socket.disable_monitor()
+        self._monitor.close(0)
+        self._socket.close(0)
+
+
+class Session:
+    """The agent's end of one migration: reads this source's frames off the shared ROUTER socket,
+    turns other peers away while busy, and times out a source that falls silent."""
+
+    def __init__(self, socket, identity, timeout, busy_reply):
+        self._socket = socket
+        self.identity = identity
+        self.timeout = timeout
+        self._busy_reply = busy_reply
+        self._frames = collections.deque()
+
+    def send(self, kind, **meta):
+        self._socket.send_multipart([self.identity] + control(kind, **meta))
+
+    def _receive(self):
+        deadline = time.monotonic() + self.timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._socket.poll(left * 1000, zmq.POLLIN):
+                raise UmigError(f"the source fell silent for {self.timeout:g} s")
+            identity, *frames = self._socket.recv_multipart(copy=False)
+            if identity.bytes != self.identity:
+                self._busy_reply(identity.bytes, frames)
+                continue
+            return frames
+
+    def next_frame(self):
+        """The next image frame (a zero-copy buffer), for ImageReader."""
+        while not self._frames:
+            frames = self._receive()
+            kind = frames[0].bytes
+            if kind == b"record":
+                self._frames.extend(frame.buffer for frame in frames[1:])
+            elif kind == b"abort":
+                _, meta = parse_control([f.bytes for f in frames])
+                raise UmigError(f"the source aborted: {meta.get('reason', 'no reason given')}")
+            else:
+                raise UmigError(f"unexpected {kind[:20]!r} message in the image stream")
+        return self._frames.popleft()
+
+    def expect(self, kind):
+        got, meta = parse_control([f.bytes for f in self._receive()])
+        if got == "abort":
+            raise UmigError(f"the source aborted: {meta.get('reason', 'no reason given')}")
+        if got != kind:
+            raise UmigError(f"the source sent {got!r} where {kind!r} was due")
+        return meta
