@@ -756,7 +756,8 @@ def test_finish_restore_hands_over_at_munmap_exit(spawn, bins):
     proc.send(b"g")
     mask = bit(signal.SIGUSR1) | bit(signal.SIGTERM)
     t.finish_restore(final, xstate, mask, timeout=5)
-    assert not t.attached
+    assert t.attached and t.stopped      # held until the caller commits
+    t.detach()
     assert proc.line() == f"landed r12=5eed mask={mask:x}"
     assert proc.finish() == 0
 

@@ -752,8 +752,8 @@ class Tracee:
     def finish_restore(self, final_regs, xstate, sigmask, timeout=None):
         """Take over a restorer that has laid out the process image and now stops itself with SIGSTOP,
         then munmaps its own code: catch it at the end of that munmap (so no restorer code is left
-        and no restorer instruction runs again), install the program's registers, xsave area and
-        signal mask, and let it go.
+        and no restorer instruction runs again) and install the program's registers, xsave area and
+        signal mask. It stays stopped there: detach() lets it run, once the source has committed.
 
         The tracee must have been seized before it raised SIGSTOP: a completed group-stop would
         stop the program again as soon as we detach. ``final_regs`` get restart_registers(...,
@@ -787,7 +787,6 @@ class Tracee:
         self.set_registers(restart_registers(final_regs, restart_block_valid=False))
         self.set_xstate(xstate)
         self.set_sigmask(sigmask)
-        self.detach(0)
 
     def _expect_syscall(self, nr, op, what, timeout=None):
         """Wait for the syscall-enter or -exit stop of ``nr``; anything else is an error."""
