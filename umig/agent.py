@@ -59,6 +59,8 @@ class Agent:
 
     def _handle(self, frames):
         identity, rest = frames[0], frames[1:]
+        if rest and rest[0] in (b"record", b"abort", b"commit"):
+            return  # the tail of a migration that has already ended
         try:
             kind, meta = parse_control(rest)
         except UmigError as e:
@@ -66,7 +68,7 @@ class Agent:
             self.socket.send_multipart([identity] + control("failed", reason=str(e)))
             return
         if kind != "hello":
-            self.socket.send_multipart([identity] + control("failed", reason=f"no migration in progress for {kind!r}"))
+            self.socket.send_multipart([identity] + control("failed", reason=f"unknown request {kind[:40]!r}"))
             return
         self._migration(identity, meta)
 

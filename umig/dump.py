@@ -107,7 +107,7 @@ def collect(frozen):
     pid = frozen.pid
     state = {
         "task": task.dump(frozen),
-        "credentials": credentials.dump(pid),
+        "credentials": credentials.dump(frozen),
         "mm": mm.dump(frozen),
         "signals": signals.dump(frozen),
         "rseq": frozen.rseq,

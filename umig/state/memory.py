@@ -297,9 +297,9 @@ def find_hole(section, restorer_entries, size):
     """The highest free range of `size` bytes that overlaps neither an image mapping nor anything
     the restorer has mapped now, with a megabyte of margin (stack guard gaps) on each side."""
     margin = 1 << 20
-    taken = sorted([(m["start"], m["end"]) for m in section["mappings"]] +
-                   [(e.start, e.end) for e in restorer_entries if e.path != "[vsyscall]"])
-    top = 0x7FFFFFFFF000
+    top = 0x7FFFFFFFF000  # the end of the user address space ([vsyscall] lies beyond it)
+    taken = sorted(r for r in [(m["start"], m["end"]) for m in section["mappings"]] +
+                   [(e.start, e.end) for e in restorer_entries] if r[0] < top)
     candidates = []
     previous_end = 0x10000000
     for start, end in taken + [(top, top)]:
