@@ -13,7 +13,6 @@ import json
 import os
 import random
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -613,8 +612,3 @@ def sha256_file(path):
             h.update(chunk)
     return h.hexdigest()
 
-
-def copy_tree_files(src, dst, names):
-    dst.mkdir(parents=True, exist_ok=True)
-    for n in names:
-        shutil.copy2(src / n, dst / n)

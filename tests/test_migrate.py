@@ -4,7 +4,6 @@ PID (in a new PID namespace: the old one is still taken on this host), and it ex
 import json
 import os
 import random
-import re
 import subprocess
 import sys
 import textwrap
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (Workload, assert_maps_equal, assert_same_output, c_workload, migrate, nspid, proc_status,
+from conftest import (Workload, assert_maps_equal, assert_same_output, c_workload, migrate, nspid,
                       read_maps, reference_run, run_umig, sha256_file, wait_gone, wait_until, write_input_text)
 
 

@@ -241,6 +241,9 @@ int main(int argc, char **argv)
 	printf("ro checksum %016llx window %016llx\n", (unsigned long long)fnv(ro, ro_len, FNV0),
 	       (unsigned long long)fnv(ro_win, 128UL << 10, FNV0));
 	printf("marker %016llx\n", (unsigned long long)fnv(marker, sizeof marker, FNV0));
+#ifdef VARIANT /* another build of the same program, for tests of file identity */
+	printf("variant %d\n", VARIANT);
+#endif
 
 	printf("ready\n");
 	fflush(stdout);

@@ -1,0 +1,188 @@
+"""Images on disk: `umig show` tells the truth about the process dumped, `dump --leave-running`
+leaves it undisturbed, `dump` + `restore` round trips keep every kind of state, and a restore
+refuses files that changed since the dump."""
+import json
+import os
+import re
+import shutil
+import time
+
+import pytest
+
+from conftest import (assert_clean_failure, assert_maps_equal, assert_no_leftovers, assert_same_output, c_workload,
+                      nspid, parse_maps, read_maps, reference_run, run_umig, wait_gone, write_input_text)
+
+
+def hex_in(value, text):
+    """`value` appears in text as a hex number (any case, with or without 0x and leading zeros)."""
+    return re.search(rf"(?<![0-9a-f])(0x)?0*{value:x}(?![0-9a-f])", text, re.I) is not None
+
+
+def size_in(nbytes, text):
+    """A size shown as bytes, hex, KiB/kB or MiB (with optional decimals)."""
+    kib, mib = nbytes / 1024, nbytes / (1 << 20)
+    forms = [rf"\b{nbytes}\b", rf"\b0x0*{nbytes:x}\b", rf"\b{kib:g}(\.0+)?\s*(KiB|kB|K)\b",
+             rf"\b{mib:g}(\.0+)?\s*(MiB|MB|M)\b"]
+    return any(re.search(f, text, re.I) for f in forms)
+
+
+def dump(pid, path, *extra):
+    r = run_umig("dump", pid, "-o", path, *extra)
+    assert r.returncode == 0, f"umig dump {pid} failed: {r.stderr.strip()}"
+    assert path.stat().st_size > 0
+    return r
+
+
+def restore(path):
+    r = run_umig("restore", path, "--json")
+    assert r.returncode == 0, f"umig restore {path} failed: {r.stderr.strip()}"
+    info = json.loads(r.stdout)
+    for key in ("source_pid", "target", "target_pid", "pages", "bytes", "total_s", "frozen_s"):
+        assert key in info, f"umig restore --json lacks {key!r}: {info}"
+    return info
+
+
+def test_show_describes_the_process(workloads, registry, tmp_path):
+    """dump --leave-running, then `umig show`: mappings with their sizes, registers, fds and
+    signal state match what the process is known to hold; the process itself goes on
+    undisturbed (its output equals a run that was never dumped)."""
+    def make(label):
+        wl = c_workload(workloads, "inspect", tmp_path / label, registry=registry)
+        wl.dir.joinpath("data.txt").write_text("x" * 123 + "HELLO world\n")
+        return wl
+    ref = reference_run(make("ref"))
+    wl = make("src").start().wait_ready()
+    maps = parse_maps(read_maps(wl.pid))
+    facts = dict(line.split(" ", 1) for line in wl.stderr().splitlines())
+    handler = int(facts["handler"], 16)
+    region, region_size = (int(x, 0) for x in facts["region"].split())
+    img = tmp_path / "inspect.img"
+    dump(wl.pid, img, "--leave-running")
+
+    r = run_umig("show", img)
+    assert r.returncode == 0, f"umig show failed: {r.stderr.strip()}"
+    show = r.stdout
+    # every mapping, by address; the 3 MiB region with its size
+    missing = [m for m in maps if not hex_in(int(m[0], 16), show)]
+    assert not missing, f"umig show does not list these mappings: {missing}\n{show}"
+    region_lines = [ln for ln in show.splitlines() if hex_in(region, ln)]
+    assert region_lines and any(size_in(region_size, ln) or hex_in(region + region_size, ln)
+                                for ln in region_lines), f"the 3 MiB region's size is not shown: {region_lines}"
+    # registers: r12-r15 held known values during the wait
+    for name, value in (("r12", 0x1111222233334444), ("r13", 0x5555666677778888), ("r14", 0x99990000aaaabbbb),
+                        ("r15", 0xccccddddeeeeffff)):
+        assert hex_in(value, show), f"{name} = {value:#x} is not in umig show's output"
+    # fds: the data file at fd 5 (offset 123) and /dev/null at fd 7
+    data_path = str(wl.dir / "data.txt")
+    fd5 = [ln for ln in show.splitlines() if data_path in ln]
+    assert fd5 and re.search(r"\b5\b", fd5[0]), f"fd 5 -> {data_path} is not shown:\n{show}"
+    assert re.search(r"\b123\b", fd5[0]), f"fd 5's offset 123 is not shown: {fd5[0]}"
+    assert any("/dev/null" in ln and re.search(r"\b7\b", ln) for ln in show.splitlines()), "fd 7 -> /dev/null"
+    # signals: the SIGUSR2 handler's address; SIGUSR1 blocked and pending
+    assert hex_in(handler, show), f"the SIGUSR2 handler {handler:#x} is not shown:\n{show}"
+    assert re.search(r"SIGUSR2|\b12\b", "\n".join(ln for ln in show.splitlines() if hex_in(handler, ln)))
+    pending = [ln for ln in show.splitlines() if "pending" in ln.lower()]
+    assert pending and any(re.search(r"SIGUSR1|\b10\b", ln) for ln in pending), f"pending SIGUSR1 not shown: {pending}"
+
+    # --leave-running: the process continues exactly as if nothing had happened
+    assert wl.proc.poll() is None, "dump --leave-running ended the process"
+    wl.fire()
+    assert wl.wait_exit(60) == 0
+    assert_same_output(wl, ref)
+
+
+ROUND_TRIPS = {
+    "signals": dict(files=()),
+    "registers": dict(files=()),
+    "files": dict(files=("out.dat", "log.txt", "new.dat"), prepare=lambda d: write_input_text(d / "input.txt")),
+    "rseq": dict(files=()),
+}
+
+
+@pytest.mark.parametrize("name", list(ROUND_TRIPS))
+def test_round_trip(workloads, registry, tmp_path, name):
+    """dump (which ends the source) then restore from the file: the process continues as if it
+    had never stopped, with its PID and its memory layout."""
+    spec = ROUND_TRIPS[name]
+
+    def make(label):
+        wl = c_workload(workloads, name, tmp_path / label, registry=registry)
+        if spec.get("prepare"):
+            spec["prepare"](wl.dir)
+        return wl
+    ref = reference_run(make("ref"))
+    wl = make("src").start().wait_ready()
+    maps = read_maps(wl.pid)
+    img = tmp_path / f"{name}.img"
+    dump(wl.pid, img)
+    wl.wait_exit(30)  # the dump ends the source
+    info = restore(img)
+    tpid = info["target_pid"]
+    registry.remember(tpid)
+    assert info["source_pid"] == wl.pid
+    assert_maps_equal(maps, read_maps(tpid))
+    assert nspid(tpid)[-1] == wl.pid
+    wl.fire()
+    wait_gone(tpid, 60, "restored process")
+    assert_same_output(wl, ref, spec["files"])
+
+
+def test_restore_refuses_changed_executable(workloads, registry, tmp_path):
+    """The executable was replaced between dump and restore: refused, naming it. With the
+    original put back (same inode, same times) the very same image restores."""
+    exe_dir = tmp_path / "exe"
+    exe_dir.mkdir()
+    exe = exe_dir / "memory"
+    shutil.copy2(workloads("memory"), exe)
+    wl = c_workload(workloads, "memory", tmp_path / "src", "4", registry=registry)
+    wl.argv[0] = str(exe)
+    ref = c_workload(workloads, "memory", tmp_path / "ref", "4", registry=registry)
+    ref.argv[0] = str(exe)
+    reference_run(ref)
+    wl.start().wait_ready()
+    img = tmp_path / "memory.img"
+    dump(wl.pid, img)
+    wl.wait_exit(30)
+
+    os.rename(exe, exe_dir / "memory.orig")
+    shutil.copy2(workloads("memory", "VARIANT=1"), exe)
+    since = time.time()
+    line = assert_clean_failure(run_umig("restore", img), what="umig restore with another executable")
+    assert str(exe) in line, f"the refusal should name {exe}: {line}"
+    assert_no_leftovers(since, markers=[str(exe)])
+
+    os.replace(exe_dir / "memory.orig", exe)
+    info = restore(img)
+    registry.remember(info["target_pid"])
+    wl.fire()
+    wait_gone(info["target_pid"], 60, "restored process")
+    assert_same_output(wl, ref)
+
+
+def test_restore_refuses_changed_mapped_file(workloads, registry, tmp_path):
+    """A file the process maps (ro.dat, read-only, not in the image: its pages are the file's)
+    changed between dump and restore: refused, naming it. Put back byte for byte with its times,
+    the image restores and the process reads the right bytes."""
+    ref = reference_run(c_workload(workloads, "memory", tmp_path / "ref", "4", registry=registry))
+    wl = c_workload(workloads, "memory", tmp_path / "src", "4", registry=registry).start().wait_ready()
+    img = tmp_path / "memory.img"
+    dump(wl.pid, img)
+    wl.wait_exit(30)
+
+    ro = wl.dir / "ro.dat"
+    original, st = ro.read_bytes(), ro.stat()
+    changed = bytearray(original)
+    changed[5000] ^= 0xff
+    ro.write_bytes(bytes(changed))
+    since = time.time()
+    line = assert_clean_failure(run_umig("restore", img), what="umig restore with a changed mapped file")
+    assert str(ro) in line, f"the refusal should name {ro}: {line}"
+    assert_no_leftovers(since, markers=[str(wl.argv[0])])
+
+    ro.write_bytes(original)
+    os.utime(ro, ns=(st.st_atime_ns, st.st_mtime_ns))
+    info = restore(img)
+    registry.remember(info["target_pid"])
+    wl.fire()
+    wait_gone(info["target_pid"], 60, "restored process")
+    assert_same_output(wl, ref)
