@@ -74,6 +74,8 @@ enum umig_op {
 	                            terminated; empty clears the name):
 	                            prctl(PR_SET_VMA, PR_SET_VMA_ANON_NAME) */
 	UMIG_OP_CLONE = 25,      /* report only: the launcher's clone3 failed (detail = PID asked for) */
+	UMIG_OP_MADVISE = 26,    /* struct umig_advice: madvise (flags /proc/PID/smaps shows as VmFlags) */
+	UMIG_OP_DUP = 27,        /* struct umig_dup: dup3 (descriptors sharing one open file) */
 };
 
 struct umig_command {
@@ -116,6 +118,13 @@ struct umig_protect {
 	u32 pad;
 };
 
+struct umig_advice {
+	u64 start;
+	u64 length;
+	u32 advice;     /* MADV_* */
+	u32 pad;
+};
+
 struct umig_mm {
 	u64 start_code, end_code, start_data, end_data;
 	u64 start_brk, brk, start_stack;
@@ -131,6 +140,13 @@ struct umig_open_fd {
 	u64 offset;
 	u32 seek;       /* 1: lseek to offset (regular files), 0: leave it (devices) */
 	u32 path_length;
+};
+
+struct umig_dup {
+	s32 from;
+	s32 to;
+	u32 cloexec;
+	u32 pad;
 };
 
 struct umig_rlimit {

@@ -305,6 +305,15 @@ static u64 step_protect(void)
 	return p->start;
 }
 
+static u64 step_madvise(void)
+{
+	const struct umig_advice *a = (const void *)payload;
+
+	expect_size(UMIG_OP_MADVISE, sizeof(*a), 0);
+	check(syscall3(__NR_madvise, a->start, a->length, a->advice), UMIG_OP_MADVISE, a->start);
+	return a->start;
+}
+
 static u64 step_mm(void)
 {
 	const struct umig_mm *mm = (const void *)payload;
@@ -359,6 +368,17 @@ static u64 step_open_fd(void)
 	if (o->seek)
 		check(syscall3(__NR_lseek, o->fd, o->offset, SEEK_SET), UMIG_OP_OPEN_FD, o->fd);
 	return o->fd;
+}
+
+static u64 step_dup(void)
+{
+	const struct umig_dup *d = (const void *)payload;
+
+	expect_size(UMIG_OP_DUP, sizeof(*d), 0);
+	if (d->to < 0 || d->to == channel || d->from == channel)
+		fail(UMIG_OP_DUP, -EBADF, (u32)d->to);
+	check(syscall3(__NR_dup3, d->from, d->to, d->cloexec ? O_CLOEXEC : 0), UMIG_OP_DUP, d->to);
+	return d->to;
 }
 
 static u64 step_chdir(void)
@@ -530,10 +550,14 @@ static u64 execute(u32 op)
 		return step_map();
 	case UMIG_OP_PROTECT:
 		return step_protect();
+	case UMIG_OP_MADVISE:
+		return step_madvise();
 	case UMIG_OP_MM:
 		return step_mm();
 	case UMIG_OP_OPEN_FD:
 		return step_open_fd();
+	case UMIG_OP_DUP:
+		return step_dup();
 	case UMIG_OP_CHDIR:
 		return step_chdir();
 	case UMIG_OP_UMASK:

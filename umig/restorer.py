@@ -62,6 +62,8 @@ class Op(IntEnum):
     FINISH = 23
     VMA_NAME = 24
     CLONE = 25
+    MADVISE = 26
+    DUP = 27
 
 
 # The fixed parts of protocol.h's structs, by their C names.
@@ -72,8 +74,10 @@ LAYOUTS = {
     "umig_move": struct.Struct("<QQQ"),
     "umig_map": struct.Struct("<QQQIIII"),
     "umig_protect": struct.Struct("<QQII"),
+    "umig_advice": struct.Struct("<QQII"),
     "umig_mm": struct.Struct("<11QII"),
     "umig_open_fd": struct.Struct("<iIQII"),
+    "umig_dup": struct.Struct("<iiII"),
     "umig_rlimit": struct.Struct("<IIQQ"),
     "umig_sigaction": struct.Struct("<IIQQQQ"),
     "umig_sigaltstack": struct.Struct("<QiIQ"),
@@ -90,9 +94,9 @@ MM_FIELDS = (
 )
 
 # How a failure report's detail reads, per step.
-_AT_ADDRESS = {Op.RELOCATE, Op.UNMAP, Op.MOVE, Op.MAP, Op.PAGES, Op.PROTECT, Op.SIGALTSTACK,
+_AT_ADDRESS = {Op.RELOCATE, Op.UNMAP, Op.MOVE, Op.MAP, Op.PAGES, Op.PROTECT, Op.MADVISE, Op.SIGALTSTACK,
                Op.RSEQ, Op.TID_ADDRESS, Op.VMA_NAME}
-_FOR_FD = {Op.CLOSE_FDS, Op.OPEN_FD}
+_FOR_FD = {Op.CLOSE_FDS, Op.OPEN_FD, Op.DUP}
 _FOR_SIGNAL = {Op.SIGACTION, Op.SIGQUEUE}
 
 # Known causes worth naming in the message.
@@ -463,6 +467,9 @@ class Restorer:
     def protect(self, start: int, length: int, prot: int) -> None:
         self._send(Op.PROTECT, LAYOUTS["umig_protect"].pack(start, length, prot, 0))
 
+    def madvise(self, start: int, length: int, advice: int) -> None:
+        self._send(Op.MADVISE, LAYOUTS["umig_advice"].pack(start, length, advice, 0))
+
     def mm(self, fields: Mapping[str, int] | None = None, auxv: bytes = b"",
            exe: str | bytes | os.PathLike | None = None, **kwargs: int) -> None:
         """prctl(PR_SET_MM_MAP): fields (dict and/or keywords) are MM_FIELDS; auxv is the raw
@@ -484,6 +491,10 @@ class Restorer:
         self._send(Op.OPEN_FD, LAYOUTS["umig_open_fd"].pack(fd, flags, offset, int(seek),
                                                               len(raw)) + raw,
                    context=os.fsdecode(raw))
+
+    def dup(self, source_fd: int, fd: int, cloexec: bool) -> None:
+        """Makes fd another descriptor of source_fd's open file (shared offset and flags)."""
+        self._send(Op.DUP, LAYOUTS["umig_dup"].pack(source_fd, fd, int(cloexec), 0))
 
     def chdir(self, path: str | bytes | os.PathLike) -> None:
         raw = os.fsencode(path)

@@ -3,6 +3,7 @@
 Everything else a descriptor can be (pipes, sockets, terminals, eventfd, epoll, ...) is refused
 before the process is frozen, naming the fd and its kind.
 """
+import ctypes
 import os
 import stat
 
@@ -13,6 +14,16 @@ from umig.state.memory import check_identity, file_identity
 # Character devices that carry no state of their own, so opening the same path again is the same fd.
 STATELESS_DEVICES = {"/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom"}
 O_ACCMODE, O_CREAT, O_EXCL, O_TRUNC, O_CLOEXEC = 0o3, 0o100, 0o200, 0o1000, 0o2000000
+SYS_KCMP, KCMP_FILE = 312, 0
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _same_open_file(pid, fd1, fd2):
+    """kcmp(2): do two descriptors of pid refer to one open file (dup, or inherited)?"""
+    result = _libc.syscall(SYS_KCMP, pid, pid, KCMP_FILE, fd1, fd2)
+    if result < 0:
+        raise UmigError(f"kcmp of fds {fd1} and {fd2} of pid {pid} failed: {os.strerror(ctypes.get_errno())}")
+    return result == 0
 
 
 def _kind(pid, fd):
@@ -61,7 +72,12 @@ def dump(pid):
         info = procfs.fdinfo(pid, fd)
         entry = {"fd": fd, "kind": kind, "path": path, "flags": int(info["flags"], 8),
                  "offset": int(info["pos"])}
-        if kind == "file":
+        # A duplicate shares its original's offset and flags: restored with dup3, not opened anew.
+        original = next((other["fd"] for other in fds if other["path"] == path and "dup_of" not in other
+                         and _same_open_file(pid, other["fd"], fd)), None)
+        if original is not None:
+            entry["dup_of"] = original
+        elif kind == "file":
             # Content hashes of data files would cost a read of every byte: size and mtime tell
             # whether the file moved on while the process was away.
             entry["identity"] = file_identity(path, content=False)
@@ -71,6 +87,8 @@ def dump(pid):
 
 def check_target(section):
     for entry in section["fds"]:
+        if "dup_of" in entry:
+            continue
         if entry["kind"] == "file":
             check_identity(entry["path"], entry["identity"], f"fd {entry['fd']}: file")
         elif not os.path.exists(entry["path"]):
@@ -84,8 +102,11 @@ def lowest_free_fd(section):
 
 def restore(restorer, section):
     for entry in section["fds"]:
-        flags = entry["flags"] & ~(O_CREAT | O_EXCL | O_TRUNC)
-        restorer.open_fd(entry["fd"], flags, entry["offset"], entry["kind"] == "file", entry["path"])
+        if "dup_of" in entry:
+            restorer.dup(entry["dup_of"], entry["fd"], bool(entry["flags"] & O_CLOEXEC))
+        else:
+            flags = entry["flags"] & ~(O_CREAT | O_EXCL | O_TRUNC)
+            restorer.open_fd(entry["fd"], flags, entry["offset"], entry["kind"] == "file", entry["path"])
 
 
 def describe(section):
@@ -93,6 +114,7 @@ def describe(section):
     for entry in section["fds"]:
         mode = {0: "r", 1: "w", 2: "rw"}[entry["flags"] & O_ACCMODE]
         extra = f" offset {entry['offset']}" if entry["kind"] == "file" else ""
+        extra += f" (same open file as fd {entry['dup_of']})" if "dup_of" in entry else ""
         lines.append(f"  fd {entry['fd']:>3} {mode:<2} {entry['kind']:<7} {entry['path']}{extra}"
                      f"{' cloexec' if entry['flags'] & O_CLOEXEC else ''}")
     return lines
