@@ -74,6 +74,17 @@ def maps(pid):
     return entries
 
 
+def vm_flags(pid):
+    """The VmFlags mnemonics of each mapping, by start address (/proc/PID/smaps)."""
+    flags, start = {}, None
+    for line in read_text(pid, "smaps").splitlines():
+        if line.startswith("VmFlags:"):
+            flags[start] = line.split()[1:]
+        elif _MAPS_LINE.fullmatch(line):
+            start = int(line.split("-", 1)[0], 16)
+    return flags
+
+
 def status(pid):
     """/proc/PID/status as a dict of field name -> raw value string."""
     fields = {}
@@ -128,6 +139,3 @@ def fdinfo(pid, fd):
         fields[key] = value.strip()
     return fields
 
-
-def namespace_id(pid, kind):
-    return os.readlink(proc_path(pid, "ns", kind))

@@ -17,7 +17,10 @@ from umig.errors import Refused, UmigError
 from umig.procfs import PAGE_SIZE
 
 PROT_READ, PROT_WRITE, PROT_EXEC = mmap.PROT_READ, mmap.PROT_WRITE, mmap.PROT_EXEC
-MAP_SHARED, MAP_PRIVATE, MAP_ANONYMOUS, MAP_GROWSDOWN = 0x01, 0x02, 0x20, 0x0100
+MAP_SHARED, MAP_PRIVATE, MAP_ANONYMOUS, MAP_GROWSDOWN, MAP_NORESERVE = 0x01, 0x02, 0x20, 0x0100, 0x4000
+# VmFlags (proc(5)) that madvise() sets, with their advice. Besides their own effect they keep the
+# kernel from merging the mapping with a neighbour that lacks them, so the layout depends on them.
+MADVISED = {"dd": 16, "dc": 10, "wf": 18, "hg": 14, "nh": 15, "mg": 12}  # MADV_DONTDUMP, ...
 
 # Special mappings of the kernel's vDSO family ([vvar], [vvar_vclock], [vdso], ...): code in the vDSO
 # finds its data by fixed offsets, so the set moves as one block and keeps its layout.
@@ -190,29 +193,17 @@ def _runs_to_carry(pagemap_fd, mapping):
     return runs
 
 
-def _without(entries, exclude):
-    """The maps entries with the range `exclude` cut out (umig's own scratch page, which the kernel
-    may have merged into a neighbouring anonymous mapping)."""
-    low, high = exclude
-    for entry in entries:
-        if entry.end <= low or entry.start >= high:
-            yield entry
-            continue
-        if entry.start < low:
-            yield entry._replace(end=low)
-        if entry.end > high:
-            yield entry._replace(start=high)
-
-
-def dump(pid, exclude):
+def dump(pid):
     """The memory section of the image, and the page runs to read (in address order)."""
     mappings, files, runs = [], {}, []
     pagemap_fd = os.open(procfs.proc_path(pid, "pagemap"), os.O_RDONLY)
+    vm_flags = procfs.vm_flags(pid)
     try:
-        for entry in _without(procfs.maps(pid), exclude):
+        for entry in procfs.maps(pid):
             kind = classify(entry)
             mapping = {"start": entry.start, "end": entry.end, "prot": _prot(entry.perms),
-                       "shared": entry.shared, "offset": entry.offset, "kind": kind, "path": entry.path}
+                       "shared": entry.shared, "offset": entry.offset, "kind": kind, "path": entry.path,
+                       "vmflags": vm_flags[entry.start]}
             if kind in ("file", "shared_file") and entry.path not in files:
                 files[entry.path] = file_identity(entry.path, content=kind == "file")
             if kind == "vdso":
@@ -340,8 +331,11 @@ def prepare(restorer, section, restorer_entries):
             restorer.map(m["start"], m["end"] - m["start"], m["offset"], prot, flags, open_flags, m["path"])
         else:
             flags = (MAP_SHARED if m["shared"] else MAP_PRIVATE) | MAP_ANONYMOUS \
-                | (MAP_GROWSDOWN if m["kind"] == "stack" else 0)
+                | (MAP_GROWSDOWN if m["kind"] == "stack" else 0) | (MAP_NORESERVE if "nr" in m["vmflags"] else 0)
             restorer.map(m["start"], m["end"] - m["start"], 0, prot, flags, 0, None)
+        for flag in m["vmflags"]:
+            if flag in MADVISED:
+                restorer.madvise(m["start"], m["end"] - m["start"], MADVISED[flag])
 
 
 def fill(restorer, runs, payload):
