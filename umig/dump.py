@@ -4,6 +4,7 @@ freeze → collect → image: a process is held with PTRACE_SEIZE + PTRACE_INTER
 that it or its parent could see), looked at from /proc and from inside with a few injected
 syscalls, and written as header, state, page batches and end.
 """
+import contextlib
 import os
 
 from umig import image, procfs
@@ -35,8 +36,9 @@ def check(pid):
         kids = procfs.children(pid)
         if kids:
             blockers.append(f"pid {pid} has children ({', '.join(map(str, kids))}), which do not move yet")
-        if procfs.namespace_id(pid, "mnt") != procfs.namespace_id("self", "mnt"):
-            blockers.append(f"pid {pid} lives in another mount namespace: its paths mean something else here")
+        root, ours = os.stat(procfs.proc_path(pid, "root")), os.stat("/")
+        if (root.st_dev, root.st_ino) != (ours.st_dev, ours.st_ino):
+            blockers.append(f"pid {pid} has another root directory (chroot or container): its paths mean something else here")
         return blockers + files.check(pid) + memory.check(pid)
     except UmigError as e:
         return [str(e)]
@@ -49,7 +51,7 @@ class Frozen:
     def __init__(self, pid):
         self.pid = pid
         self.tracee = Tracee(pid)
-        self.scratch = None
+        self.session = self.scratch = None
 
     def freeze(self):
         self.tracee.freeze()
@@ -63,10 +65,17 @@ class Frozen:
         # Before any injected syscall: leaving the stop may clear the rseq critical-section pointer,
         # and a thread frozen inside a critical section must resume at its abort handler.
         self.rseq = rseq.dump(self)
-        # Injected syscalls share one save of the registers and the mask, and one scratch page.
-        self.session = self.tracee.syscall_session().__enter__()
-        self.scratch = self.session.scratch(SCRATCH_SIZE)
         return self
+
+    @contextlib.contextmanager
+    def inside(self):
+        """A spell of injected syscalls sharing one save of the registers and the mask, and one
+        scratch page. Kept short: should umig die meanwhile, the process would resume with
+        umig's registers; outside it, a dead tracer leaves the process as it was."""
+        with self.tracee.syscall_session() as self.session:
+            self.scratch = self.session.scratch(SCRATCH_SIZE)
+            yield
+        self.session = self.scratch = None
 
     def syscall_checked(self, name, nr, *args):
         result = self.session.syscall(nr, *args)
@@ -78,9 +87,7 @@ class Frozen:
         return self.tracee.read_memory(address, size)
 
     def thaw(self):
-        """Let the process go on exactly as it was (the session unmaps the scratch page and puts
-        back the registers and the mask, with the kernel's syscall restart applied)."""
-        self.session.close()
+        """Let the process go on exactly as it was."""
         self.tracee.detach()
 
     def release(self):
@@ -102,21 +109,19 @@ def freeze(pid):
 
 
 def collect(frozen):
-    """The image's state section and the page runs to carry. The scratch page is left out: it
-    exists only while umig looks."""
+    """The image's state section and the page runs to carry."""
     pid = frozen.pid
-    state = {
-        "task": task.dump(frozen),
-        "credentials": credentials.dump(frozen),
-        "mm": mm.dump(frozen),
-        "signals": signals.dump(frozen),
-        "rseq": frozen.rseq,
-        "registers": registers.dump(frozen),
-        "files": files.dump(pid),
-    }
-    section, runs = memory.dump(pid, exclude=(frozen.scratch, frozen.scratch + SCRATCH_SIZE))
-    state["memory"] = section
-    state["pid"] = procfs.namespace_pid(pid)
+    with frozen.inside():
+        state = {
+            "task": task.dump(frozen),
+            "credentials": credentials.dump(frozen),
+            "mm": mm.dump(frozen),
+            "signals": signals.dump(frozen),
+        }
+    # After the scratch page is gone, so that memory is exactly the process's own.
+    state["memory"], runs = memory.dump(pid)
+    state.update(pid=procfs.namespace_pid(pid), rseq=frozen.rseq, registers=registers.dump(frozen),
+                 files=files.dump(pid))
     return state, runs
 
 

@@ -75,6 +75,7 @@ class ImageReader:
     def __init__(self, next_frame):
         self._next_frame = next_frame  # callable returning the next frame (a buffer)
         self._seq = 0
+        self._ended = False
         self.pages = 0
         self.bytes = 0
 
@@ -82,6 +83,8 @@ class ImageReader:
         return self
 
     def __next__(self):
+        if self._ended:
+            raise StopIteration
         kind, seq, meta, payload_length, payload_digest = decode_head(self._next_frame())
         if seq != self._seq:
             raise DamagedImage(f"damaged image: record {seq} arrived where record {self._seq} belongs")
@@ -102,6 +105,7 @@ class ImageReader:
         elif kind == "end":
             if meta.get("records") != seq or meta.get("bytes") != self.bytes:
                 raise DamagedImage("damaged image: records are missing (the end record's counts differ)")
+            self._ended = True
         return Record(kind, meta, payload)
 
 

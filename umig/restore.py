@@ -66,10 +66,9 @@ def restore(records, requested_pid_mode="keep", on_accept=None):
             on_accept(header.meta, state)
         restorer.close_fds(files.lowest_free_fd(state["files"]))
         memory.prepare(restorer, state["memory"], procfs.maps(restorer.pid))
-        for record in records:
-            if record.kind == "end":
-                break
-            memory.fill(restorer, record.meta["runs"], record.payload)
+        for record in records:  # page batches, up to the verified end record
+            if record.kind == "pages":
+                memory.fill(restorer, record.meta["runs"], record.payload)
         memory.finish(restorer, state["memory"])
         mm.restore(restorer, state["mm"])
         files.restore(restorer, state["files"])

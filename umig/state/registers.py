@@ -49,8 +49,10 @@ def check_target(section, target_xstate):
 
 def describe(section):
     regs = Registers.from_bytes(section["gpr"])
-    lines = [f"registers: rip {regs.rip:#x} rsp {regs.rsp:#x} fs_base {regs.fs_base:#x}; "
-             f"xsave {len(section['xstate'])} bytes, state in {feature_names(section['xstate_bv'])}"]
+    lines = [f"registers: xsave {len(section['xstate'])} bytes, state in {feature_names(section['xstate_bv'])}"]
+    names = [name for name in Registers.FIELDS if name not in ("cs", "ss", "ds", "es", "fs", "gs")]
+    for row in range(0, len(names), 4):
+        lines.append("  " + "  ".join(f"{name:>8} {getattr(regs, name):016x}" for name in names[row:row + 4]))
     if regs.orig_rax < 2 ** 63 and regs.rax >= 2 ** 64 - 4096:
         name = SYSCALL_NAMES.get(regs.orig_rax, str(regs.orig_rax))
         lines.append(f"  stopped inside {name}() (returning {regs.rax - 2 ** 64}): resumes as after a signal")
