@@ -112,7 +112,8 @@ class Connection:
             if kind == "failed":
                 raise UmigError(f"target failed: {meta.get('reason', 'no reason given')}")
         self._wait(zmq.POLLOUT, what)
-        self._socket.send_multipart(frames, copy=False)
+        # Copied into ZeroMQ's own message: the page buffer is reused for the next batch.
+        self._socket.send_multipart(frames, copy=True)
 
     def send_record(self, frames):
         self.send([b"record"] + frames, "sending the image")

@@ -225,15 +225,18 @@ def dump(pid):
 
 def read_batches(pid, runs, batch_bytes=BATCH_BYTES):
     """Yield (runs, buffer) batches of about batch_bytes, read straight from /proc/PID/mem
-    (which, unlike process_vm_readv, also reads PROT_NONE and read-only pages)."""
+    (which, unlike process_vm_readv, also reads PROT_NONE and read-only pages).
+
+    One buffer serves every batch (a fresh megabyte per batch costs page faults that halve the
+    throughput): each batch must be consumed before the next is asked for."""
     mem = os.open(procfs.proc_path(pid, "mem"), os.O_RDONLY)
+    buffer = memoryview(bytearray(batch_bytes))
     try:
-        batch_runs, buffer, filled = [], bytearray(batch_bytes), 0
+        batch_runs, filled = [], 0
         for start, length in runs:
             while length:
                 take = min(length, batch_bytes - filled)
-                view = memoryview(buffer)[filled:filled + take]
-                if os.preadv(mem, [view], start) != take:
+                if os.preadv(mem, [buffer[filled:filled + take]], start) != take:
                     raise UmigError(f"short read of pid {pid}'s memory at {start:x}")
                 batch_runs.append([start, take])
                 filled += take
@@ -241,9 +244,9 @@ def read_batches(pid, runs, batch_bytes=BATCH_BYTES):
                 length -= take
                 if filled == batch_bytes:
                     yield batch_runs, buffer
-                    batch_runs, buffer, filled = [], bytearray(batch_bytes), 0
+                    batch_runs, filled = [], 0
         if filled:
-            yield batch_runs, memoryview(buffer)[:filled]
+            yield batch_runs, buffer[:filled]
     finally:
         os.close(mem)
 
