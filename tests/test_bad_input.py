@@ -5,6 +5,7 @@ import json
 import os
 import random
 import re
+import signal
 import socket
 import struct
 import subprocess
@@ -15,7 +16,7 @@ import pytest
 import xxhash
 import zmq
 
-from conftest import (assert_clean_failure, assert_no_leftovers, assert_running_untraced,
+from conftest import (alive, assert_clean_failure, assert_no_leftovers, assert_running_untraced,
                       assert_same_output, c_workload, migrate, read_maps, reference_run, run_umig, wait_gone)
 
 MAGIC = b"UMIGIMG\n"
@@ -25,23 +26,28 @@ MAGIC = b"UMIGIMG\n"
 
 @pytest.fixture(scope="module")
 def image(workloads, tmp_path_factory):
-    """A dump (--leave-running) of the memory workload with 4 MiB of anonymous memory; the
-    process then finishes normally. The pristine image must be accepted by `umig show` and
-    `umig restore` (else refusing damaged copies proves nothing)."""
+    """A dump of the memory workload (4 MiB of anonymous memory). The undamaged image must be
+    accepted by `umig show` and `umig restore` (else refusing damaged copies proves nothing);
+    the process restored from it is killed while it still waits, so that the files it has open
+    stay as they were at the dump and every later restore of a damaged copy could succeed but
+    for the damage."""
     d = tmp_path_factory.mktemp("image")
     wl = c_workload(workloads, "memory", d / "proc", "4").start().wait_ready()
     path = d / "memory.img"
     try:
-        r = run_umig("dump", wl.pid, "-o", path, "--leave-running")
-        assert r.returncode == 0, f"umig dump --leave-running failed: {r.stderr.strip()}"
+        r = run_umig("dump", wl.pid, "-o", path)
+        assert r.returncode == 0, f"umig dump failed: {r.stderr.strip()}"
     finally:
-        wl.fire()
+        wl.proc.kill()
         wl.wait_exit(60)
     r = run_umig("show", path)
     assert r.returncode == 0, f"umig show rejects the undamaged image: {r.stderr.strip()}"
     r = run_umig("restore", path, "--json")
     assert r.returncode == 0, f"umig restore rejects the undamaged image: {r.stderr.strip()}"
-    wait_gone(json.loads(r.stdout)["target_pid"], 60, "process restored from the undamaged image")
+    tpid = json.loads(r.stdout)["target_pid"]
+    assert alive(tpid), "the process restored from the undamaged image is not running"
+    os.kill(tpid, signal.SIGKILL)
+    wait_gone(tpid, 30, "process restored from the undamaged image")
     return {"path": path, "bytes": path.read_bytes(), "exe": str(wl.argv[0])}
 
 
@@ -91,10 +97,17 @@ POSITIONS = ["magic", "magic-last", "header-length", "header-digest", "header-bo
              "last-payload-middle", "end-record", "last-byte"]
 
 
-def assert_refused(path, what, *, must_contain=(), since=None, exe=None):
+DAMAGE = re.compile(r"damaged|checksum|not a umig image|ends early|truncated|corrupt", re.I)
+
+
+def assert_refused(path, what, *, must_contain=(), since=None, exe=None, damage=True):
+    """`umig show` and `umig restore` both refuse; with damage=True the message says why in
+    words a user understands (damaged, checksum, not an image...)."""
     for command in (("show", path), ("restore", path, "--json")):
         r = run_umig(*command, timeout=120)
-        assert_clean_failure(r, must_contain=must_contain, what=f"umig {command[0]} of {what}")
+        line = assert_clean_failure(r, must_contain=must_contain, what=f"umig {command[0]} of {what}")
+        assert not damage or DAMAGE.search(line), f"umig {command[0]} of {what}: the message does not say " \
+                                                  f"the image is damaged: {line}"
         assert r.stdout.strip() == "" or command[0] == "show", f"umig restore printed {r.stdout!r}"
     if since is not None:
         assert_no_leftovers(since, markers=[exe] if exe else ())
@@ -130,7 +143,8 @@ def test_not_an_image_refused(tmp_path):
     junk = tmp_path / "junk.img"
     junk.write_bytes(random.Random(3).randbytes(100000))
     assert_refused(junk, "random bytes")
-    assert_refused(tmp_path / "does-not-exist.img", "a missing file", must_contain=("does-not-exist.img",))
+    assert_refused(tmp_path / "does-not-exist.img", "a missing file", must_contain=("does-not-exist.img",),
+                   damage=False)
 
 
 def rewrite_header(data, **changes):
@@ -153,7 +167,7 @@ def test_unknown_version_refused(image, tmp_path):
     future = tmp_path / "future.img"
     future.write_bytes(rewrite_header(image["bytes"], version=99))
     assert_refused(future, "a version 99 image", must_contain=("version", "99"), since=time.time() - 0.5,
-                   exe=image["exe"])
+                   exe=image["exe"], damage=False)
     # the rewrite itself is sound: rewritten with nothing changed, the image is accepted
     same = tmp_path / "same.img"
     same.write_bytes(rewrite_header(image["bytes"]))
