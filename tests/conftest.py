@@ -65,7 +65,7 @@ def assert_clean_failure(result, *, must_contain=(), what="umig"):
     """A failure as the contract says: non-zero exit, one line on stderr starting `umig: `,
     no traceback, not an internal error. Returns that line."""
     stderr = result.stderr.strip()
-    assert result.returncode != 0, f"{what} should have failed; stdout={result.stdout!r} stderr={stderr!r}"
+    assert result.returncode != 0, f"{what} should have failed; stdout={result.stdout[:500]!r} stderr={stderr!r}"
     assert "Traceback" not in result.stderr, f"{what} printed a traceback:\n{result.stderr}"
     lines = stderr.splitlines()
     assert len(lines) == 1, f"{what} should print exactly one line on stderr, got {len(lines)}:\n{stderr}"
@@ -154,13 +154,13 @@ def parse_maps(text):
     return out
 
 
-def assert_maps_equal(before, after):
-    assert RESTORER_NAME not in after, f"the restored process still maps the restorer:\n{after}"
+def assert_maps_equal(before, after, what="after migration"):
+    assert RESTORER_NAME not in after, f"the process maps the restorer {what}:\n{after}"
     b, a = parse_maps(before), parse_maps(after)
     if b != a:
         fmt = lambda rows: [" ".join(r) for r in rows]  # noqa: E731
-        diff = "\n".join(difflib.unified_diff(fmt(b), fmt(a), "source maps", "restored maps", lineterm=""))
-        pytest.fail(f"memory layout differs after migration:\n{diff}")
+        diff = "\n".join(difflib.unified_diff(fmt(b), fmt(a), "before", what, lineterm=""))
+        pytest.fail(f"memory layout differs {what}:\n{diff}")
 
 
 # --------------------------------------------------------------------------- building workloads

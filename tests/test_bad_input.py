@@ -16,8 +16,9 @@ import pytest
 import xxhash
 import zmq
 
-from conftest import (alive, assert_clean_failure, assert_no_leftovers, assert_running_untraced,
-                      assert_same_output, c_workload, migrate, read_maps, reference_run, run_umig, wait_gone)
+from conftest import (alive, assert_clean_failure, assert_maps_equal, assert_no_leftovers,
+                      assert_running_untraced, assert_same_output, c_workload, migrate, read_maps, reference_run,
+                      run_umig, wait_gone)
 
 MAGIC = b"UMIGIMG\n"
 
@@ -236,6 +237,7 @@ def test_refused_before_freezing(agent, workloads, registry, tmp_path, kind):
     agent never hears of the process, which goes on unaffected."""
     ref = reference_run(c_workload(workloads, "holder", tmp_path / "ref", kind, registry=registry))
     src = c_workload(workloads, "holder", tmp_path / "src", kind, registry=registry).start().wait_ready()
+    maps = read_maps(src.pid)
     r = run_umig("check", src.pid)
     listing = r.stdout + r.stderr
     assert r.returncode != 0, f"umig check says a process holding a {kind} can move: {listing}"
@@ -249,6 +251,7 @@ def test_refused_before_freezing(agent, workloads, registry, tmp_path, kind):
     assert not (tmp_path / "h.img").exists()
     assert f"pid {src.pid}" not in agent.log(mark), f"the agent heard of a refused process:\n{agent.log(mark)}"
     assert_running_untraced(src.pid, "refused process")
+    assert_maps_equal(maps, read_maps(src.pid), "after the refusals")
     src.fire()
     assert src.wait_exit(60) == 0
     assert_same_output(src, ref)

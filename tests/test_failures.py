@@ -9,8 +9,9 @@ import time
 
 import pytest
 
-from conftest import (REPO, assert_clean_failure, assert_no_leftovers, assert_running_untraced, assert_same_output,
-                      c_workload, free_port, reference_run, umig_cmd, umig_env, write_input_text)
+from conftest import (REPO, assert_clean_failure, assert_maps_equal, assert_no_leftovers, assert_running_untraced,
+                      assert_same_output, c_workload, free_port, read_maps, reference_run, umig_cmd, umig_env,
+                      write_input_text)
 
 
 @pytest.fixture
@@ -26,13 +27,16 @@ def pair(workloads, registry, tmp_path):
         src.start()
         reference_run(ref)
         src.wait_ready()
+        src.maps_at_ready = read_maps(src.pid)
         return ref, src
     return make
 
 
 def finish_and_compare(src, ref, files=()):
-    """The source was left running: let it finish and compare with the reference."""
+    """The source was left running, untouched: same memory layout as before the attempt (nothing
+    injected left behind); then it finishes like the reference."""
     assert_running_untraced(src.pid)
+    assert_maps_equal(src.maps_at_ready, read_maps(src.pid), "after the failed migration")
     src.fire()
     rc = src.wait_exit(120)
     assert rc == 0, f"the source exited with {rc} after the failed migration; stderr={src.stderr()!r}"

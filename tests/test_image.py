@@ -52,7 +52,8 @@ def test_show_describes_the_process(workloads, registry, tmp_path):
         return wl
     ref = reference_run(make("ref"))
     wl = make("src").start().wait_ready()
-    maps = parse_maps(read_maps(wl.pid))
+    maps_text = read_maps(wl.pid)
+    maps = parse_maps(maps_text)
     facts = dict(line.split(" ", 1) for line in wl.stderr().splitlines())
     handler = int(facts["handler"], 16)
     region, region_size = (int(x, 0) for x in facts["region"].split())
@@ -89,6 +90,7 @@ def test_show_describes_the_process(workloads, registry, tmp_path):
 
     # --leave-running: the process continues exactly as if nothing had happened
     assert wl.proc.poll() is None, "dump --leave-running ended the process"
+    assert_maps_equal(maps_text, read_maps(wl.pid), "after dump --leave-running")
     wl.fire()
     assert wl.wait_exit(60) == 0
     assert_same_output(wl, ref, stderr=False)  # stderr holds this run's addresses
