@@ -417,6 +417,7 @@ class Agent:
         if self.alive():
             self.proc.kill()
         self.proc.wait(10)
+        self._save_log()
 
     def stop(self):
         if self.alive():
@@ -426,6 +427,12 @@ class Agent:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
+        self._save_log()
+
+    def _save_log(self):
+        """Keep the log next to the agent's stderr, for a look after the test."""
+        if self.workdir:
+            (self.workdir / f"agent-{self.name}.log").write_text(self.log() + "\n")
 
     # -- log
     def mark(self):

@@ -1,6 +1,7 @@
 """Failure injection: a migration that cannot complete must leave the source running exactly as
 it was (its final output equals a run that was never migrated), report one clear line, and leave
 nothing behind on the target."""
+import json
 import os
 import socket
 import subprocess
@@ -204,3 +205,44 @@ def test_target_is_not_an_agent(pair, registry):
         t.join(5)
         server.close()
     finish_and_compare(src, ref)
+
+
+# --------------------------------------------------------------------------- two at once
+
+def test_two_migrations_at_once(workloads, registry, tmp_path, agent_factory):
+    """Two sources migrate to one agent at the same time. Each either moves or is turned away
+    with one clear line and goes on where it was; both finish like a run never migrated, and
+    at least one of them moved."""
+    target = agent_factory("busy")
+    ref = reference_run(c_workload(workloads, "memory", tmp_path / "ref", "64", registry=registry))
+    srcs = [c_workload(workloads, "memory", tmp_path / f"src{i}", "64", registry=registry).start() for i in (0, 1)]
+    for src in srcs:
+        src.wait_ready()
+        src.maps_at_ready = read_maps(src.pid)
+    mark = target.mark()
+    clients = [subprocess.Popen(umig_cmd("migrate", src.pid, target.target(), "--json"), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=umig_env(), cwd=REPO)
+               for src in srcs]
+    results = []
+    for client in clients:
+        try:
+            out, err = client.communicate(timeout=120)
+        finally:
+            if client.poll() is None:
+                client.kill()
+        results.append(subprocess.CompletedProcess(client.args, client.returncode, out, err))
+    moved = 0
+    for src, result in zip(srcs, results):
+        if result.returncode == 0:
+            moved += 1
+            tpid = json.loads(result.stdout)["target_pid"]
+            registry.remember(tpid)
+            src.wait_exit(30)
+            src.fire()
+            assert target.wait_exit(tpid, 120, mark) == ("status", 0)
+            assert_same_output(src, ref)
+        else:
+            assert_clean_failure(result, what="the migration that was turned away")
+            finish_and_compare(src, ref)
+    assert moved >= 1, f"neither migration went through: {[r.stderr.strip() for r in results]}"
+    target.assert_alive()

@@ -4,6 +4,7 @@ PID (in a new PID namespace: the old one is still taken on this host), and it ex
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import textwrap
@@ -82,8 +83,12 @@ def c_make(workloads, registry, tmp_path):
 
 def test_memory(agent, registry, c_make):
     """Heap, private/shared anonymous, sparse, copy-on-write file and read-only file mappings:
-    every byte, protections, brk, argv and MAP_SHARED/MAP_PRIVATE semantics after the move."""
-    wl, _, info = migrate_and_compare(agent, registry, c_make("memory"))
+    every byte, protections, brk, argv and MAP_SHARED/MAP_PRIVATE semantics after the move.
+    `umig check` first says the process can move."""
+    def check(wl):
+        r = run_umig("check", wl.pid)
+        assert r.returncode == 0, f"umig check {wl.pid} finds blockers in a movable process: {r.stdout}{r.stderr}"
+    wl, _, info = migrate_and_compare(agent, registry, c_make("memory"), before_migrate=check)
     out = wl.stdout()
     assert "heap: 0 bad bytes" in out and "write ro file mapping: fault" in out
     assert info["pages"] > 16 * 256 // 2, f"too few pages travelled for a 16 MiB anonymous region: {info}"
@@ -333,3 +338,24 @@ def test_migrate_twice(agent, registry, c_make, agent_factory):
     wl.fire()
     assert second.wait_exit(hop["target_pid"], 60, since2) == ("status", 0)
     assert_same_output(wl, ref)
+
+
+def test_exit_status_and_signal_reported(agent, registry, c_make):
+    """The agent reports how a restored process ends: its exit status, or the signal that killed
+    it (the process lives in a PID namespace of its own here, whose init must pass that on)."""
+    wl = c_make("sleeper", "0", "7")("exit7").start().wait_ready()
+    since = agent.mark()
+    info = migrate(wl.pid, agent.target())
+    registry.remember(info["target_pid"])
+    wl.wait_exit(30)
+    wl.fire()
+    assert agent.wait_exit(info["target_pid"], 60, since) == ("status", 7)
+    assert wl.stdout().endswith("done\n")
+
+    wl = c_make("sleeper", "0")("term").start().wait_ready()
+    since = agent.mark()
+    info = migrate(wl.pid, agent.target())
+    registry.remember(info["target_pid"])
+    wl.wait_exit(30)
+    os.kill(info["target_pid"], signal.SIGTERM)
+    assert agent.wait_exit(info["target_pid"], 60, since) == ("signal", "SIGTERM")

@@ -1,11 +1,12 @@
 /*
  * sleeper: migrated while blocked in nanosleep.
  *
- *   sleeper TRIGGER DIR [SECONDS]
+ *   sleeper TRIGGER DIR [SECONDS [STATUS]]
  *
  * After `ready` it sleeps SECONDS (default 2) with nanosleep, continuing with the remaining time
  * after EINTR, and checks on CLOCK_MONOTONIC that at least that long passed. Then it waits for
- * TRIGGER and sleeps 0.3 s more until an absolute CLOCK_MONOTONIC deadline.
+ * TRIGGER and sleeps 0.3 s more until an absolute CLOCK_MONOTONIC deadline, then exits with
+ * STATUS (default 0).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -31,10 +32,11 @@ static double now(void)
 int main(int argc, char **argv)
 {
 	if (argc < 3) {
-		fprintf(stderr, "usage: sleeper TRIGGER DIR [SECONDS]\n");
+		fprintf(stderr, "usage: sleeper TRIGGER DIR [SECONDS [STATUS]]\n");
 		return 2;
 	}
 	int secs = argc > 3 ? atoi(argv[3]) : 2;
+	int status = argc > 4 ? atoi(argv[4]) : 0;
 	printf("sleeping %d s\n", secs);
 	printf("ready\n");
 	fflush(stdout);
@@ -62,5 +64,5 @@ int main(int argc, char **argv)
 		;
 	printf("clock_nanosleep returned %d, deadline reached: %s\n", r, now() - t1 >= 0.3 ? "yes" : "NO");
 	printf("done\n");
-	return 0;
+	return status;
 }
