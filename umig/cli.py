@@ -39,19 +39,21 @@ def cmd_migrate(args):
 def cmd_dump(args):
     started = time.monotonic()
     dump.refuse_blocked(args.pid)
-    frozen = dump.freeze(args.pid)
-    frozen_at = time.monotonic()
-    sink = None
+    sink = image.FileSink(args.output)  # before freezing: an unwritable path costs the process nothing
+    frozen = None
     try:
-        sink = image.FileSink(args.output)
+        frozen = dump.freeze(args.pid)
+        frozen_at = time.monotonic()
         writer = image.ImageWriter(sink)
         state, runs = dump.collect(frozen)
         dump.write_image(writer, frozen, state, runs)
-        sink.close()
+        sink.commit()
     except BaseException:
-        if sink is not None:
-            os.unlink(args.output)
-        frozen.thaw()
+        try:
+            if frozen is not None:
+                frozen.thaw()
+        finally:
+            sink.discard()
         raise
     if args.leave_running:
         frozen.thaw()

@@ -151,8 +151,19 @@ class ImageWriter:
 # --- files: the magic, then each frame as a little-endian u64 length and its bytes ---------------
 
 class FileSink:
+    """Writes an image to a temporary file beside `path`, renamed over it only once complete: a
+    failed dump leaves whatever was at `path` untouched."""
+
     def __init__(self, path):
-        self._file = open(path, "wb")
+        self.path = path
+        directory, name = os.path.split(os.path.abspath(path))
+        if os.path.exists(path) and not os.path.isfile(path):
+            raise UmigError(f"cannot write the image to {path}: not a regular file")
+        self._temporary = os.path.join(directory, f".{name}.umig-partial")
+        try:
+            self._file = open(self._temporary, "wb")
+        except OSError as e:
+            raise UmigError(f"cannot write the image to {path}: {e.strerror}") from None
         self._file.write(FILE_MAGIC)
 
     def __call__(self, frames):
@@ -160,10 +171,15 @@ class FileSink:
             self._file.write(_LENGTH.pack(len(frame)))
             self._file.write(frame)
 
-    def close(self):
+    def commit(self):
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
+        os.rename(self._temporary, self.path)
+
+    def discard(self):
+        self._file.close()
+        os.unlink(self._temporary)
 
 
 def open_image_file(path):
