@@ -18,28 +18,31 @@ def migrate(pid, target, requested_pid_mode="keep", timeout=60.0):
     started = time.monotonic()
     dump.refuse_blocked(pid)
     connection = Connection(target, timeout)
+    frozen = None
     try:
         connection.send_control("hello", pid=pid, pid_mode=requested_pid_mode, host=os.uname().nodename)
         welcome = connection.expect("welcome", "greeting")
         frozen = dump.freeze(pid)
         frozen_at = time.monotonic()
+        state, runs = dump.collect(frozen)
+        writer = image.ImageWriter(connection.send_record)
+        dump.write_image(writer, frozen, state, runs,
+                         after_state=lambda: connection.expect("accepted", "checking the image"))
+        connection.expect("ready", "restoring")
+        connection.send_control("commit")
+        running = connection.expect("running", "resuming")
+        resumed_at = time.monotonic()
+        frozen.release()
+    except BaseException as e:
         try:
-            state, runs = dump.collect(frozen)
-            writer = image.ImageWriter(connection.send_record)
-            dump.write_image(writer, frozen, state, runs,
-                             after_state=lambda: connection.expect("accepted", "checking the image"))
-            connection.expect("ready", "restoring")
-            connection.send_control("commit")
-            running = connection.expect("running", "resuming")
-        except BaseException as e:
+            if frozen is not None:
+                frozen.thaw()  # first: the source must not wait on the network
+        finally:
             try:
                 connection.send_control("abort", reason=(str(e) or type(e).__name__)[:300])
             except UmigError:
                 pass
-            frozen.thaw()
-            raise
-        resumed_at = time.monotonic()
-        frozen.release()
+        raise
     finally:
         connection.close()
     return {"source_pid": pid, "target": connection.endpoint, "target_name": welcome.get("name"),
