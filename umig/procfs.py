@@ -117,6 +117,16 @@ def namespace_pid(pid):
     return int(status(pid)["NSpid"].split()[-1])
 
 
+def same_file(link, path):
+    """Whether a /proc link (fd, map_files, exe, cwd) of a process and a path as umig sees it name
+    one file: not so when the process lives in another mount namespace."""
+    try:
+        a, b = os.stat(link), os.stat(path)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
 def children(pid):
     try:
         text = read_text(pid, f"task/{pid}/children")

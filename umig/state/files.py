@@ -13,7 +13,7 @@ from umig.state.memory import check_identity, file_identity
 
 # Character devices that carry no state of their own, so opening the same path again is the same fd.
 STATELESS_DEVICES = {"/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom"}
-O_ACCMODE, O_CREAT, O_EXCL, O_TRUNC, O_CLOEXEC = 0o3, 0o100, 0o200, 0o1000, 0o2000000
+O_ACCMODE, O_CLOEXEC = 0o3, 0o2000000
 SYS_KCMP, KCMP_FILE = 312, 0
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -50,6 +50,8 @@ def _kind(pid, fd):
         raise Refused(f"fd {fd}: {link} is not a regular file")
     if link.endswith(" (deleted)"):
         raise Refused(f"fd {fd}: file {link[:-10]} was deleted")
+    if not procfs.same_file(procfs.proc_path(pid, "fd", str(fd)), link):
+        raise Refused(f"fd {fd}: {link} is another file where umig looks (the process has its own mount namespace)")
     return "file", link, st
 
 
@@ -105,14 +107,13 @@ def restore(restorer, section):
         if "dup_of" in entry:
             restorer.dup(entry["dup_of"], entry["fd"], bool(entry["flags"] & O_CLOEXEC))
         else:
-            flags = entry["flags"] & ~(O_CREAT | O_EXCL | O_TRUNC)
-            restorer.open_fd(entry["fd"], flags, entry["offset"], entry["kind"] == "file", entry["path"])
+            restorer.open_fd(entry["fd"], entry["flags"], entry["offset"], entry["kind"] == "file", entry["path"])
 
 
 def describe(section):
     lines = [f"files: {len(section['fds'])} descriptors"]
     for entry in section["fds"]:
-        mode = {0: "r", 1: "w", 2: "rw"}[entry["flags"] & O_ACCMODE]
+        mode = {0: "r", 1: "w", 2: "rw"}.get(entry["flags"] & O_ACCMODE, "?")
         extra = f" offset {entry['offset']}" if entry["kind"] == "file" else ""
         extra += f" (same open file as fd {entry['dup_of']})" if "dup_of" in entry else ""
         lines.append(f"  fd {entry['fd']:>3} {mode:<2} {entry['kind']:<7} {entry['path']}{extra}"

@@ -60,10 +60,12 @@ def _perms(prot, shared):
 
 # --- classification (also the pre-freeze check) ---------------------------------------------------
 
-def classify(entry):
+def classify(pid, entry, vmflags):
     """The kind of a mapping, or raise Refused naming it."""
     path = entry.path
     where = f"mapping {entry.start:x}-{entry.end:x}"
+    if "lo" in vmflags:
+        raise Refused(f"{where} ({path or 'anonymous'}) is locked in memory (mlock), which does not move yet")
     if path == "[vsyscall]":
         return "vsyscall"
     if _VDSO_NAME.fullmatch(path):
@@ -88,14 +90,17 @@ def classify(entry):
         raise Refused(f"{where}: file {path}: {e.strerror}") from None
     if not stat.S_ISREG(st.st_mode):
         raise Refused(f"{where}: {path} is not a regular file (device mappings are not supported)")
+    if not procfs.same_file(procfs.proc_path(pid, "map_files", f"{entry.start:x}-{entry.end:x}"), path):
+        raise Refused(f"{where}: {path} is another file where umig looks (the process has its own mount namespace)")
     return "shared_file" if entry.shared else "file"
 
 
 def check(pid):
     blockers = []
+    vm_flags = procfs.vm_flags(pid)
     for entry in procfs.maps(pid):
         try:
-            classify(entry)
+            classify(pid, entry, vm_flags.get(entry.start, []))
         except Refused as e:
             blockers.append(str(e))
     return blockers
@@ -173,11 +178,34 @@ def _scan(pagemap_fd, start, end, anyof, returned):
         start = arg.walk_end
 
 
-def _runs_to_carry(pagemap_fd, mapping):
+def _shmem_runs(pid, mapping):
+    """The allocated ranges of a shared anonymous mapping's shmem file: its pages may be in memory
+    or swap without being mapped in this process, which the page tables would not show."""
+    fd = os.open(procfs.proc_path(pid, "map_files", f"{mapping['start']:x}-{mapping['end']:x}"), os.O_RDONLY)
+    try:
+        runs, position = [], mapping["offset"]
+        end = position + mapping["end"] - mapping["start"]
+        while position < end:
+            try:
+                data = os.lseek(fd, position, os.SEEK_DATA)
+            except OSError:  # ENXIO: no data after position
+                break
+            if data >= end:
+                break
+            position = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+            runs.append([mapping["start"] + data - mapping["offset"], position - data])
+        return runs
+    finally:
+        os.close(fd)
+
+
+def _runs_to_carry(pid, pagemap_fd, mapping):
     """Page runs of a mapping that must travel, as [start, length] pairs."""
     kind = mapping["kind"]
     if kind in ("vdso", "vsyscall", "shared_file"):
         return []
+    if kind == "shared_anon":
+        return _shmem_runs(pid, mapping)
     runs = []
     for start, end, categories in _scan(pagemap_fd, mapping["start"], mapping["end"],
                                         PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
@@ -200,7 +228,7 @@ def dump(pid):
     vm_flags = procfs.vm_flags(pid)
     try:
         for entry in procfs.maps(pid):
-            kind = classify(entry)
+            kind = classify(pid, entry, vm_flags[entry.start])
             mapping = {"start": entry.start, "end": entry.end, "prot": _prot(entry.perms),
                        "shared": entry.shared, "offset": entry.offset, "kind": kind, "path": entry.path,
                        "vmflags": vm_flags[entry.start]}
@@ -214,7 +242,7 @@ def dump(pid):
                         mapping["sha256"] = hashlib.sha256(mem.read(entry.size)).hexdigest()
                     except OSError:
                         mapping["sha256"] = None
-            carried = _runs_to_carry(pagemap_fd, mapping)
+            carried = _runs_to_carry(pid, pagemap_fd, mapping)
             mapping["pages"] = sum(length for _, length in carried) // PAGE_SIZE
             mappings.append(mapping)
             runs.extend(carried)
@@ -330,7 +358,8 @@ def prepare(restorer, section, restorer_entries):
         prot = m["prot"] | (PROT_READ | PROT_WRITE if m["pages"] else 0)
         if m["kind"] in ("file", "shared_file"):
             flags = MAP_SHARED if m["shared"] else MAP_PRIVATE
-            open_flags = os.O_RDWR if m["shared"] and m["prot"] & PROT_WRITE else os.O_RDONLY
+            # "mw": it may be made writable later, which a read-only open would forbid.
+            open_flags = os.O_RDWR if m["shared"] and "mw" in m["vmflags"] else os.O_RDONLY
             restorer.map(m["start"], m["end"] - m["start"], m["offset"], prot, flags, open_flags, m["path"])
         else:
             flags = (MAP_SHARED if m["shared"] else MAP_PRIVATE) | MAP_ANONYMOUS \
