@@ -76,6 +76,7 @@ enum umig_op {
 	UMIG_OP_CLONE = 25,      /* report only: the launcher's clone3 failed (detail = PID asked for) */
 	UMIG_OP_MADVISE = 26,    /* struct umig_advice: madvise (flags /proc/PID/smaps shows as VmFlags) */
 	UMIG_OP_DUP = 27,        /* struct umig_dup: dup3 (descriptors sharing one open file) */
+	UMIG_OP_ITIMER = 28,     /* struct umig_itimer: setitimer (alarm() and setitimer() timers) */
 };
 
 struct umig_command {
@@ -149,6 +150,12 @@ struct umig_dup {
 	u32 pad;
 };
 
+struct umig_itimer {
+	u32 which;      /* ITIMER_REAL, ITIMER_VIRTUAL, ITIMER_PROF */
+	u32 pad;
+	u64 interval_sec, interval_usec, value_sec, value_usec; /* struct itimerval */
+};
+
 struct umig_rlimit {
 	u32 resource;
 	u32 pad;
@@ -190,8 +197,8 @@ struct umig_creds {
 	u32 uid, euid, suid, fsuid;
 	u32 gid, egid, sgid, fsgid;
 	u32 ngroups;
-	u32 dumpable;  /* 1: prctl(PR_SET_DUMPABLE, 1) afterwards, since changing ids clears it;
-	                  0: leave it as the kernel left it */
+	u32 dumpable;  /* the dumpable flag to set afterwards (0 or 1): changing ids clears it, and a
+	                  process may have cleared it itself (agents holding secrets do) */
 };
 
 #endif

@@ -381,6 +381,15 @@ static u64 step_dup(void)
 	return d->to;
 }
 
+static u64 step_itimer(void)
+{
+	const struct umig_itimer *t = (const void *)payload;
+
+	expect_size(UMIG_OP_ITIMER, sizeof(*t), 0);
+	check(syscall3(__NR_setitimer, t->which, &t->interval_sec, 0), UMIG_OP_ITIMER, t->which);
+	return t->which;
+}
+
 static u64 step_chdir(void)
 {
 	check(syscall1(__NR_chdir, payload), UMIG_OP_CHDIR, 0);
@@ -495,9 +504,8 @@ static u64 step_creds(void)
 	syscall1(__NR_setfsuid, c->fsuid);
 	if ((u32)syscall1(__NR_setfsuid, -1) != c->fsuid)
 		fail(UMIG_OP_CREDS, -EPERM, c->uid);
-	/* changing ids made the process non-dumpable; the image may have been dumpable */
-	if (c->dumpable)
-		check(syscall2(__NR_prctl, PR_SET_DUMPABLE, 1), UMIG_OP_CREDS, c->uid);
+	/* changing ids may have changed the flag: set the image's own, whatever it was */
+	check(syscall2(__NR_prctl, PR_SET_DUMPABLE, c->dumpable ? 1 : 0), UMIG_OP_CREDS, c->uid);
 	return c->uid;
 }
 
@@ -558,6 +566,8 @@ static u64 execute(u32 op)
 		return step_open_fd();
 	case UMIG_OP_DUP:
 		return step_dup();
+	case UMIG_OP_ITIMER:
+		return step_itimer();
 	case UMIG_OP_CHDIR:
 		return step_chdir();
 	case UMIG_OP_UMASK:

@@ -39,9 +39,11 @@ def check(pid):
         root, ours = os.stat(procfs.proc_path(pid, "root")), os.stat("/")
         if (root.st_dev, root.st_ino) != (ours.st_dev, ours.st_ino):
             blockers.append(f"pid {pid} has another root directory (chroot or container): its paths mean something else here")
-        return blockers + files.check(pid) + memory.check(pid)
+        return blockers + task.check(pid) + credentials.check(pid) + files.check(pid) + memory.check(pid)
     except UmigError as e:
         return [str(e)]
+    except FileNotFoundError:
+        return [f"pid {pid} exited while it was being checked"]
 
 
 class Frozen:
@@ -55,16 +57,24 @@ class Frozen:
 
     def freeze(self):
         self.tracee.freeze()
-        threads = int(procfs.status(self.pid)["Threads"])
-        if threads > 1:  # it started a thread since it was checked
+        try:
+            # It may have started a thread or a child since it was checked.
+            threads, children = int(procfs.status(self.pid)["Threads"]), procfs.children(self.pid)
+            if threads > 1 or children:
+                raise Refused(f"pid {self.pid} started {'a thread' if threads > 1 else 'a child'} while umig "
+                              "prepared to freeze it")
+            self.registers = self.tracee.get_registers()
+            self.xstate = self.tracee.get_xstate()
+            self.blocked = self.tracee.get_sigmask()
+            # Before any injected syscall: leaving the stop may clear the rseq critical-section
+            # pointer. A thread frozen inside a critical section goes to its abort handler, here as
+            # the kernel would send it, and so in the image.
+            self.rseq = rseq.dump(self)
+            if self.registers != self.tracee.get_registers():
+                self.tracee.set_registers(self.registers)
+        except BaseException:
             self.tracee.detach()
-            raise Refused(f"pid {self.pid} has {threads} threads (only single-threaded processes move yet)")
-        self.registers = self.tracee.get_registers()
-        self.xstate = self.tracee.get_xstate()
-        self.blocked = self.tracee.get_sigmask()
-        # Before any injected syscall: leaving the stop may clear the rseq critical-section pointer,
-        # and a thread frozen inside a critical section must resume at its abort handler.
-        self.rseq = rseq.dump(self)
+            raise
         return self
 
     @contextlib.contextmanager

@@ -79,6 +79,7 @@ def restore(records, requested_pid_mode="keep", on_accept=None):
         restorer.finish()
         tracee.finish_restore(Registers.from_bytes(state["registers"]["gpr"]), state["registers"]["xstate"],
                               state["signals"]["blocked"])
+        task.restore_from_outside(restorer.pid, state["task"])
         return RestoredProcess(restorer, tracee, state)
     except BaseException:
         restorer.kill()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import resource
 import select
 import signal
 import socket
@@ -64,6 +65,7 @@ class Op(IntEnum):
     CLONE = 25
     MADVISE = 26
     DUP = 27
+    ITIMER = 28
 
 
 # The fixed parts of protocol.h's structs, by their C names.
@@ -78,6 +80,7 @@ LAYOUTS = {
     "umig_mm": struct.Struct("<11QII"),
     "umig_open_fd": struct.Struct("<iIQII"),
     "umig_dup": struct.Struct("<iiII"),
+    "umig_itimer": struct.Struct("<II4Q"),
     "umig_rlimit": struct.Struct("<IIQQ"),
     "umig_sigaction": struct.Struct("<IIQQQQ"),
     "umig_sigaltstack": struct.Struct("<QiIQ"),
@@ -104,6 +107,8 @@ _HINTS = {
     (Op.MM, errno.EBUSY): "; the exe link changes only once the old executable (the restorer's "
                           "own image) is unmapped",
     (Op.VMA_NAME, errno.EINVAL): "; a kernel without CONFIG_ANON_VMA_NAME cannot name mappings",
+    (Op.RLIMIT, errno.EPERM): "; raising a hard limit above the agent's own needs CAP_SYS_RESOURCE, "
+                              "which the agent lacks",
 }
 
 _WALL = 0x40000000  # waitpid's __WALL: whatever exit signal the child has
@@ -153,6 +158,9 @@ def _signal_name(signo: int) -> str:
         return f"SIG{signo}"
 
 
+RLIMIT_NAMES = {getattr(resource, name): name for name in dir(resource) if name.startswith("RLIMIT_")}
+
+
 def _describe_detail(op: int, detail: int) -> str:
     if op in _AT_ADDRESS:
         return f" at {detail:#x}"
@@ -161,7 +169,7 @@ def _describe_detail(op: int, detail: int) -> str:
     if op in _FOR_SIGNAL:
         return f" for signal {detail} ({_signal_name(detail)})"
     if op == Op.RLIMIT:
-        return f" for resource {detail}"
+        return f" for {RLIMIT_NAMES.get(detail, f'resource {detail}')}"
     if op == Op.CREDS:
         return f" for uid {detail}"
     return ""
@@ -495,6 +503,10 @@ class Restorer:
     def dup(self, source_fd: int, fd: int, cloexec: bool) -> None:
         """Makes fd another descriptor of source_fd's open file (shared offset and flags)."""
         self._send(Op.DUP, LAYOUTS["umig_dup"].pack(source_fd, fd, int(cloexec), 0))
+
+    def itimer(self, which: int, interval: tuple[int, int], value: tuple[int, int]) -> None:
+        """Arms timer `which` (ITIMER_*) with (seconds, microseconds) pairs, as setitimer takes them."""
+        self._send(Op.ITIMER, LAYOUTS["umig_itimer"].pack(which, 0, *interval, *value))
 
     def chdir(self, path: str | bytes | os.PathLike) -> None:
         raw = os.fsencode(path)

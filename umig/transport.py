@@ -31,11 +31,14 @@ HIGH_WATER_MARK = 8
 
 
 def endpoint(target):
-    """HOST, HOST:PORT or a full tcp:// endpoint."""
+    """HOST, HOST:PORT, [IPV6]:PORT or a full tcp:// endpoint."""
     if "://" in target:
         return target
-    host, _, port = target.rpartition(":") if target.count(":") == 1 else (target, "", "")
-    return f"tcp://{host or target}:{port or DEFAULT_PORT}"
+    if target.startswith("[") or target.count(":") == 1:
+        host, _, port = target.rpartition(":") if not target.endswith("]") else (target, "", "")
+    else:
+        host, port = target, ""
+    return f"tcp://{host}:{port or DEFAULT_PORT}"
 
 
 def control(kind, **meta):

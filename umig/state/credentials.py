@@ -8,6 +8,25 @@ from umig import procfs
 SYS_PRCTL, PR_GET_DUMPABLE = 157, 3
 
 
+def check(pid):
+    """Capabilities, no_new_privs and seccomp are not restored yet: refuse a process whose sets are
+    not what its uids alone give (after setresuid, the kernel derives them the same way here)."""
+    status = procfs.status(pid)
+    caps = {name: int(status[name], 16) for name in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")}
+    uids = [int(x) for x in status["Uid"].split()]
+    ours = int(procfs.status("self")["CapBnd"], 16)
+    permitted = caps["CapBnd"] if 0 in uids[:3] else 0
+    expected = {"CapInh": 0, "CapAmb": 0, "CapBnd": ours, "CapPrm": permitted,
+                "CapEff": permitted if uids[1] == 0 else 0}
+    blockers = [f"pid {pid}'s {name} is {caps[name]:#x}, not {value:#x}: capability sets other than the "
+                f"defaults of its uids do not move yet" for name, value in expected.items() if caps[name] != value]
+    if status.get("NoNewPrivs", "0") != "0":
+        blockers.append(f"pid {pid} has no_new_privs set, which does not move yet")
+    if status.get("Seccomp", "0") != "0":
+        blockers.append(f"pid {pid} runs under seccomp (mode {status['Seccomp']}), which does not move yet")
+    return blockers
+
+
 def dump(frozen):
     status = procfs.status(frozen.pid)
     return {"uids": [int(x) for x in status["Uid"].split()],

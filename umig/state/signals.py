@@ -46,8 +46,11 @@ def dump(frozen):
 
 
 def restore(restorer, section):
-    for signo, handler, flags, sa_restorer, mask in section["actions"]:
-        restorer.sigaction(signo, handler, flags, sa_restorer, mask)
+    # Every signal, the default ones too: the restorer inherited its starter's ignored signals.
+    actions = {action[0]: action[1:] for action in section["actions"]}
+    for signo in range(1, 65):
+        if signo not in (SIGKILL, SIGSTOP):
+            restorer.sigaction(signo, *actions.get(signo, (SIG_DFL, 0, 0, 0)))
     altstack = section["altstack"]
     if not altstack["flags"] & SS_DISABLE:
         # SS_ONSTACK only says the process was running on it; it is not a flag one can set.

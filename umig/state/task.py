@@ -1,29 +1,54 @@
-"""The task's own attributes: name, working directory, umask, resource limits, personality and the
-clear_child_tid address that glibc registered with set_tid_address."""
+"""The task's own attributes: name, working directory, umask, resource limits, personality, the
+clear_child_tid address glibc registered with set_tid_address, interval timers (alarm,
+setitimer), niceness and the OOM score adjustment."""
 import os
 import resource
+import struct
 
 from umig import procfs
 from umig.errors import UmigError
+from umig.restorer import RLIMIT_NAMES
 
-SYS_PRCTL, PR_GET_TID_ADDRESS = 157, 40
-RLIMIT_NAMES = {getattr(resource, name): name for name in dir(resource) if name.startswith("RLIMIT_")}
+SYS_PRCTL, PR_GET_TID_ADDRESS, SYS_GETITIMER = 157, 40, 36
+ITIMERS = {0: "ITIMER_REAL", 1: "ITIMER_VIRTUAL", 2: "ITIMER_PROF"}
+_ITIMERVAL = struct.Struct("<4q")  # it_interval {sec, usec}, it_value {sec, usec}
 RLIM_INFINITY = 2 ** 64 - 1
+NICE_FIELD = 19  # of /proc/PID/stat
+
+
+def check(pid):
+    """What /proc tells before freezing: POSIX timers and job-control stops do not move yet."""
+    blockers = []
+    if procfs.read_text(pid, "timers").strip():
+        blockers.append(f"pid {pid} has POSIX timers (timer_create), which do not move yet")
+    if procfs.status(pid)["State"].startswith("T"):
+        blockers.append(f"pid {pid} is stopped (job control): continue it first")
+    cwd = procfs.proc_path(pid, "cwd")
+    if not procfs.same_file(cwd, os.readlink(cwd)):
+        blockers.append(f"pid {pid}'s working directory is another directory where umig looks")
+    return blockers
 
 
 def dump(frozen):
     pid = frozen.pid
-    status = procfs.status(pid)
     frozen.syscall_checked("prctl(PR_GET_TID_ADDRESS)", SYS_PRCTL, PR_GET_TID_ADDRESS, frozen.scratch)
+    tid_address = int.from_bytes(frozen.read(frozen.scratch, 8), "little")
+    itimers = []
+    for which in ITIMERS:
+        frozen.syscall_checked("getitimer", SYS_GETITIMER, which, frozen.scratch)
+        interval_sec, interval_usec, value_sec, value_usec = _ITIMERVAL.unpack(frozen.read(frozen.scratch, 32))
+        if value_sec or value_usec:
+            itimers.append([which, interval_sec, interval_usec, value_sec, value_usec])
     rlimits = []
     for res in sorted(RLIMIT_NAMES):
         cur, limit = resource.prlimit(pid, res)
         rlimits.append([res, cur % (RLIM_INFINITY + 1), limit % (RLIM_INFINITY + 1)])
-    return {"comm": status["Name"], "cwd": os.readlink(procfs.proc_path(pid, "cwd")),
-            "umask": int(status["Umask"], 8),
+    return {"comm": procfs.read_text(pid, "comm").rstrip("\n"), "cwd": os.readlink(procfs.proc_path(pid, "cwd")),
+            "umask": int(procfs.status(pid)["Umask"], 8),
             "personality": int(procfs.read_text(pid, "personality"), 16),
-            "rlimits": rlimits,
-            "tid_address": int.from_bytes(frozen.read(frozen.scratch, 8), "little"),
+            "rlimits": rlimits, "tid_address": tid_address, "itimers": itimers,
+            "nice": int(procfs.stat_fields(pid)[NICE_FIELD]),
+            "oom_score_adj": int(procfs.read_text(pid, "oom_score_adj")),
             "cmdline": procfs.read_bytes(pid, "cmdline").replace(b"\0", b" ").decode(errors="replace").strip()}
 
 
@@ -38,14 +63,31 @@ def restore(restorer, section):
     for res, cur, limit in section["rlimits"]:
         restorer.rlimit(res, cur, limit)
     restorer.personality(section["personality"])
-    restorer.comm(section["comm"].encode()[:15])
+    restorer.comm(section["comm"].encode())
     restorer.tid_address(section["tid_address"])
+    # The timers run on from what was left of them when the process was frozen.
+    for which, interval_sec, interval_usec, value_sec, value_usec in section["itimers"]:
+        restorer.itimer(which, (interval_sec, interval_usec), (value_sec, value_usec))
+
+
+def restore_from_outside(pid, section):
+    """What the agent sets from outside: niceness and the OOM score adjustment."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, pid, section["nice"])
+        with open(procfs.proc_path(pid, "oom_score_adj"), "w") as f:
+            f.write(str(section["oom_score_adj"]))
+    except OSError as e:
+        raise UmigError(f"setting the niceness or OOM score of pid {pid} failed: {e.strerror}") from None
 
 
 def describe(section):
     def limit(value):
         return "unlimited" if value == RLIM_INFINITY else str(value)
-    changed = [f"{RLIMIT_NAMES[res][7:].lower()}={limit(cur)}/{limit(hard)}" for res, cur, hard in section["rlimits"]]
-    return [f"task: {section['comm']!r} ({section['cmdline']}), cwd {section['cwd']}, umask {section['umask']:03o}, "
-            f"personality {section['personality']:#x}",
-            f"  rlimits {' '.join(changed)}"]
+    limits = [f"{RLIMIT_NAMES[res][7:].lower()}={limit(cur)}/{limit(hard)}" for res, cur, hard in section["rlimits"]]
+    lines = [f"task: {section['comm']!r} ({section['cmdline']}), cwd {section['cwd']}, umask {section['umask']:03o}, "
+             f"personality {section['personality']:#x}, nice {section['nice']}, oom_score_adj {section['oom_score_adj']}",
+             f"  rlimits {' '.join(limits)}"]
+    for which, interval_sec, interval_usec, value_sec, value_usec in section["itimers"]:
+        lines.append(f"  {ITIMERS[which]} fires in {value_sec + value_usec / 1e6:.3f} s, "
+                     f"every {interval_sec + interval_usec / 1e6:.3f} s")
+    return lines
