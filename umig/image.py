@@ -103,7 +103,7 @@ class ImageReader:
             self.pages += len(payload) // 4096
             self.bytes += len(payload)
         elif kind == "end":
-            if meta.get("records") != seq or meta.get("bytes") != self.bytes:
+            if (meta.get("records"), meta.get("pages"), meta.get("bytes")) != (seq, self.pages, self.bytes):
                 raise DamagedImage("damaged image: records are missing (the end record's counts differ)")
             self._ended = True
         return Record(kind, meta, payload)

@@ -28,7 +28,6 @@ _VDSO_NAME = re.compile(r"\[(vvar|vdso)[a-z_]*\]")
 # The shared anonymous memory of MAP_SHARED|MAP_ANONYMOUS lives in an unlinked shmem file.
 _SHARED_ANON_NAMES = re.compile(r"/dev/zero \(deleted\)|\[anon_shmem:.*\]")
 BATCH_BYTES = 1 << 20
-RESTORER_STACK = 256 << 10
 
 # PAGEMAP_SCAN (linux/fs.h, kernel >= 6.7): page categories and the ioctl's argument.
 PAGE_IS_FILE, PAGE_IS_PRESENT, PAGE_IS_SWAPPED, PAGE_IS_PFNZERO = 1 << 2, 1 << 3, 1 << 4, 1 << 5
@@ -338,8 +337,7 @@ def prepare(restorer, section, restorer_entries):
     place and map every mapping of the image (writable where pages will be filled)."""
     vdso_parts = [e for e in restorer_entries if _VDSO_NAME.fullmatch(e.path)]
     vdso_size = sum(e.size for e in vdso_parts)
-    image = (restorer.image_size + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
-    hole_size = image + RESTORER_STACK + vdso_size
+    hole_size = restorer.hole_size + vdso_size  # its image and stack, then a parking place
     hole = find_hole(section, restorer_entries, hole_size)
     restorer.relocate(hole, hole_size)
     for entry in restorer_entries:
