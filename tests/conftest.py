@@ -542,7 +542,11 @@ def leftovers(since, allowed=(), markers=()):
         except (FileNotFoundError, ProcessLookupError, PermissionError):
             continue
         if info["name"] == RESTORER_NAME or RESTORER_NAME in maps or any(str(m) in maps for m in markers):
-            found.append(f"{info['pid']} ({info['name']})")
+            try:
+                extra = f"state {proc_state(info['pid'])}, parent {p.ppid()}, {' '.join(p.cmdline())[:100]!r}"
+            except psutil.Error:
+                extra = "gone meanwhile"
+            found.append(f"{info['pid']} ({info['name']}, {extra}, started {info['create_time'] - since:+.2f} s)")
     return found
 
 
