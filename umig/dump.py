@@ -53,10 +53,15 @@ class Frozen:
     def __init__(self, pid):
         self.pid = pid
         self.tracee = Tracee(pid)
-        self.session = self.scratch = None
+        self.session = self.scratch = self.tracker = None
 
     def freeze(self):
-        self.tracee.freeze()
+        self.tracee.seize()
+        return self.stop()
+
+    def stop(self):
+        """Hold it still and take its CPU state (again, after run())."""
+        self.tracee.interrupt()
         try:
             # It may have started a thread or a child since it was checked.
             threads, children = int(procfs.status(self.pid)["Threads"]), procfs.children(self.pid)
@@ -73,9 +78,13 @@ class Frozen:
             if self.registers != self.tracee.get_registers():
                 self.tracee.set_registers(self.registers)
         except BaseException:
-            self.tracee.detach()
+            self.thaw()
             raise
         return self
+
+    def run(self):
+        """Let it run on, still traced (live migration copies memory meanwhile)."""
+        self.tracee.cont()
 
     @contextlib.contextmanager
     def inside(self):
@@ -97,8 +106,14 @@ class Frozen:
         return self.tracee.read_memory(address, size)
 
     def thaw(self):
-        """Let the process go on exactly as it was."""
-        self.tracee.detach()
+        """Let the process go on exactly as it was: without the write tracker, if it had one."""
+        try:
+            if self.tracker is not None:
+                self.tracee.interrupt()
+                self.tracker, tracker = None, self.tracker
+                tracker.disarm()
+        finally:
+            self.tracee.detach()
 
     def release(self):
         """The process lives elsewhere now: end this copy."""
@@ -142,9 +157,17 @@ def write_image(writer, frozen, state, runs, after_state=None):
     writer.write(image.Record("state", state))
     if after_state:
         after_state()
-    for batch_runs, buffer in memory.read_batches(frozen.pid, runs):
-        writer.write(image.Record("pages", {"runs": batch_runs}, buffer))
+    write_pages(writer, frozen.pid, runs)
     writer.end()
+
+
+def write_pages(writer, pid, runs):
+    """Page records for runs, read in batches; returns the bytes written."""
+    sent = 0
+    for batch_runs, buffer in memory.read_batches(pid, runs):
+        writer.write(image.Record("pages", {"runs": batch_runs}, buffer))
+        sent += len(buffer)
+    return sent
 
 
 def describe(state):

@@ -76,6 +76,7 @@ class ImageReader:
         self._next_frame = next_frame  # callable returning the next frame (a buffer)
         self._seq = 0
         self._ended = False
+        self._live = False
         self.pages = 0
         self.bytes = 0
 
@@ -88,7 +89,9 @@ class ImageReader:
         kind, seq, meta, payload_length, payload_digest = decode_head(self._next_frame())
         if seq != self._seq:
             raise DamagedImage(f"damaged image: record {seq} arrived where record {self._seq} belongs")
-        expected = ("header",) if seq == 0 else ("state",) if seq == 1 else ("pages", "end")
+        # A live migration's stream has a second, final state after the pages copied while it ran.
+        expected = ("header",) if seq == 0 else ("state",) if seq == 1 else \
+            ("pages", "state", "end") if self._live else ("pages", "end")
         if kind not in expected:
             raise DamagedImage(f"damaged image: a {kind} record where {' or '.join(expected)} belongs")
         payload = None
@@ -98,6 +101,8 @@ class ImageReader:
         self._seq += 1
         if kind == "header":
             check_header(meta)
+        elif kind == "state":
+            self._live = seq == 1 and meta.get("live") is True
         elif kind == "pages":
             check_runs(meta, payload)
             self.pages += len(payload) // 4096

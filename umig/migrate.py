@@ -9,12 +9,12 @@ source is then thawed too (a duplicate can be killed, a lost process cannot be b
 import os
 import time
 
-from umig import dump, image
+from umig import dump, image, live
 from umig.errors import UmigError
 from umig.transport import Connection
 
 
-def migrate(pid, target, requested_pid_mode="keep", timeout=60.0):
+def migrate(pid, target, requested_pid_mode="keep", timeout=60.0, live=False):
     started = time.monotonic()
     dump.refuse_blocked(pid)
     connection = Connection(target, timeout)
@@ -26,8 +26,11 @@ def migrate(pid, target, requested_pid_mode="keep", timeout=60.0):
         frozen_at = time.monotonic()
         state, runs = dump.collect(frozen)
         writer = image.ImageWriter(connection.send_record)
-        dump.write_image(writer, frozen, state, runs,
-                         after_state=lambda: connection.expect("accepted", "checking the image"))
+        if live:
+            frozen_at, first_freeze, rounds = _precopy(frozen, state, runs, writer, connection, frozen_at)
+        else:
+            dump.write_image(writer, frozen, state, runs,
+                             after_state=lambda: connection.expect("accepted", "checking the image"))
         connection.expect("ready", "restoring")
         connection.send_control("commit")
         running = connection.expect("running", "resuming")
@@ -45,6 +48,33 @@ def migrate(pid, target, requested_pid_mode="keep", timeout=60.0):
         raise
     finally:
         connection.close()
-    return {"source_pid": pid, "target": connection.endpoint, "target_name": welcome.get("name"),
-            "target_pid": running["target_pid"], "pages": writer.pages, "bytes": writer.bytes,
-            "total_s": round(time.monotonic() - started, 6), "frozen_s": round(resumed_at - frozen_at, 6)}
+    result = {"source_pid": pid, "target": connection.endpoint, "target_name": welcome.get("name"),
+              "target_pid": running["target_pid"], "pages": writer.pages, "bytes": writer.bytes,
+              "total_s": round(time.monotonic() - started, 6), "frozen_s": round(resumed_at - frozen_at, 6)}
+    if live:
+        # The process was also held while its first state was taken and the tracker armed.
+        result.update(mode="live", first_freeze_s=round(first_freeze, 6), rounds=rounds,
+                      frozen_s=round(max(resumed_at - frozen_at, first_freeze), 6))
+    return result
+
+
+def _precopy(frozen, state, runs, writer, connection, frozen_at):
+    """The live path: first state, memory copied while the process runs, then the final state
+    and what changed. Returns (when the last freeze began, how long the first lasted, rounds)."""
+    writer.write(image.header(state["pid"]))
+    writer.write(image.Record("state", dict(state, live=True)))
+    frozen.tracker = live.WriteTracker(frozen, state["memory"])
+    frozen.run()
+    first_freeze = time.monotonic() - frozen_at
+    connection.expect("accepted", "checking the image")
+    written, rounds = live.precopy(frozen, frozen.tracker, runs,
+                                   lambda pid, round_runs: dump.write_pages(writer, pid, round_runs))
+    final_frozen_at = time.monotonic()
+    tracker, frozen.tracker = frozen.tracker, None
+    tracker.disarm()
+    final, final_runs = dump.collect(frozen)
+    send, discard = live.final_pages(state["memory"], final["memory"], written, final_runs, tracker.tracked)
+    writer.write(image.Record("state", dict(final, discard=discard)))
+    dump.write_pages(writer, frozen.pid, send)
+    writer.end()
+    return final_frozen_at, first_freeze, rounds

@@ -23,9 +23,10 @@ def pid_mode(requested, pid):
     return "ns" if os.path.exists(procfs.proc_path(pid)) else "keep"
 
 
-def check_target(state):
-    """Refuse, before anything is started, what this host cannot rebuild."""
-    memory.check_target(state["memory"])
+def check_target(state, built=None):
+    """Refuse, before anything is started, what this host cannot rebuild (for a live migration's
+    final state, `built` is the first one: what it checked is not checked again)."""
+    memory.check_target(state["memory"], built and built["memory"])
     mm.check_target(state["mm"])
     files.check_target(state["files"])
     task.check_target(state["task"])
@@ -69,6 +70,11 @@ def restore(records, requested_pid_mode="keep", on_accept=None):
         for record in records:  # page batches, up to the verified end record
             if record.kind == "pages":
                 memory.fill(restorer, record.meta["runs"], record.payload)
+            elif record.kind == "state":  # a live migration's final state: the layout now, then its last pages
+                final = record.meta
+                check_target(final, built=state)
+                memory.relayout(restorer, state["memory"], final["memory"], final["discard"])
+                state = final
         memory.finish(restorer, state["memory"])
         mm.restore(restorer, state["mm"])
         files.restore(restorer, state["files"])

@@ -21,6 +21,7 @@ MAP_SHARED, MAP_PRIVATE, MAP_ANONYMOUS, MAP_GROWSDOWN, MAP_NORESERVE = 0x01, 0x0
 # VmFlags (proc(5)) that madvise() sets, with their advice. Besides their own effect they keep the
 # kernel from merging the mapping with a neighbour that lacks them, so the layout depends on them.
 MADVISED = {"dd": 16, "dc": 10, "wf": 18, "hg": 14, "nh": 15, "mg": 12}  # MADV_DONTDUMP, ...
+MADV_DONTNEED = 4
 
 # Special mappings of the kernel's vDSO family ([vvar], [vvar_vclock], [vdso], ...): code in the vDSO
 # finds its data by fixed offsets, so the set moves as one block and keeps its layout.
@@ -250,6 +251,46 @@ def dump(pid):
     return {"mappings": mappings, "files": files}, runs
 
 
+def intersect(a, b):
+    """The overlap of two sorted lists of [start, length] runs."""
+    out, i, j = [], 0, 0
+    while i < len(a) and j < len(b):
+        start = max(a[i][0], b[j][0])
+        end = min(a[i][0] + a[i][1], b[j][0] + b[j][1])
+        if start < end:
+            out.append([start, end - start])
+        if a[i][0] + a[i][1] < b[j][0] + b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return out
+
+
+def union(a, b):
+    """Two sorted lists of runs merged into one, overlapping and touching runs joined."""
+    out = []
+    for start, length in sorted(a + b):
+        if out and start <= out[-1][0] + out[-1][1]:
+            out[-1][1] = max(out[-1][1], start + length - out[-1][0])
+        else:
+            out.append([start, length])
+    return out
+
+
+def complement(runs, start, end):
+    """The gaps of [start, end) that sorted runs leave."""
+    gaps, position = [], start
+    for run_start, length in runs:
+        if run_start >= end:
+            break
+        if run_start > position:
+            gaps.append([position, run_start - position])
+        position = max(position, run_start + length)
+    if position < end:
+        gaps.append([position, end - position])
+    return gaps
+
+
 def read_batches(pid, runs, batch_bytes=BATCH_BYTES):
     """Yield (runs, buffer) batches of about batch_bytes, read straight from /proc/PID/mem
     (which, unlike process_vm_readv, also reads PROT_NONE and read-only pages).
@@ -289,8 +330,14 @@ def vdso_layout(entries):
     return [(e.path, e.start - base, e.end - e.start) for e in parts]
 
 
-def check_target(section):
-    """Refuse an image this host cannot rebuild: another vDSO, or files that changed."""
+def check_target(section, checked=None):
+    """Refuse an image this host cannot rebuild: another vDSO, or files that changed (except
+    those of `checked`, a section already checked)."""
+    if checked:
+        for path, identity in section["files"].items():
+            if checked["files"].get(path) != identity:
+                check_identity(path, identity, "mapped file")
+        return
     image_vdso = [m for m in section["mappings"] if m["kind"] == "vdso"]
     image_layout = [(m["path"], m["start"] - image_vdso[0]["start"], m["end"] - m["start"]) for m in image_vdso] \
         if image_vdso else []
@@ -351,21 +398,50 @@ def prepare(restorer, section, restorer_entries):
     for entry, mapping in zip(vdso_parts, image_vdso):
         restorer.move(parking + entry.start - vdso_parts[0].start, mapping["start"], entry.size)
     for m in section["mappings"]:
-        if m["kind"] in ("vdso", "vsyscall"):
-            continue
-        prot = m["prot"] | (PROT_READ | PROT_WRITE if m["pages"] else 0)
-        if m["kind"] in ("file", "shared_file"):
-            flags = MAP_SHARED if m["shared"] else MAP_PRIVATE
-            # "mw": it may be made writable later, which a read-only open would forbid.
-            open_flags = os.O_RDWR if m["shared"] and "mw" in m["vmflags"] else os.O_RDONLY
-            restorer.map(m["start"], m["end"] - m["start"], m["offset"], prot, flags, open_flags, m["path"])
-        else:
-            flags = (MAP_SHARED if m["shared"] else MAP_PRIVATE) | MAP_ANONYMOUS \
-                | (MAP_GROWSDOWN if m["kind"] == "stack" else 0) | (MAP_NORESERVE if "nr" in m["vmflags"] else 0)
-            restorer.map(m["start"], m["end"] - m["start"], 0, prot, flags, 0, None)
-        for flag in m["vmflags"]:
-            if flag in MADVISED:
-                restorer.madvise(m["start"], m["end"] - m["start"], MADVISED[flag])
+        _map(restorer, m)
+
+
+def _filling_prot(m):
+    """The protection a mapping is made with: writable (and readable) while pages will be filled."""
+    return m["prot"] | (PROT_READ | PROT_WRITE if m["pages"] else 0)
+
+
+def _map(restorer, m):
+    if m["kind"] in ("vdso", "vsyscall"):
+        return
+    if m["kind"] in ("file", "shared_file"):
+        flags = MAP_SHARED if m["shared"] else MAP_PRIVATE
+        # "mw": it may be made writable later, which a read-only open would forbid.
+        open_flags = os.O_RDWR if m["shared"] and "mw" in m["vmflags"] else os.O_RDONLY
+        restorer.map(m["start"], m["end"] - m["start"], m["offset"], _filling_prot(m), flags, open_flags, m["path"])
+    else:
+        flags = (MAP_SHARED if m["shared"] else MAP_PRIVATE) | MAP_ANONYMOUS \
+            | (MAP_GROWSDOWN if m["kind"] == "stack" else 0) | (MAP_NORESERVE if "nr" in m["vmflags"] else 0)
+        restorer.map(m["start"], m["end"] - m["start"], 0, _filling_prot(m), flags, 0, None)
+    for flag in m["vmflags"]:
+        if flag in MADVISED:
+            restorer.madvise(m["start"], m["end"] - m["start"], MADVISED[flag])
+
+
+def same_mapping(m):
+    """What must be equal for a mapping of a later layout to be the one already built."""
+    return (m["start"], m["end"], m["prot"], m["shared"], m["offset"], m["kind"], m["path"],
+            tuple(m["vmflags"]), _filling_prot(m))
+
+
+def relayout(restorer, old, new, discard):
+    """Turn the layout built from `old` into `new` (a live migration's final state): mappings that
+    went or changed are unmapped, new and changed ones mapped; pages the process dropped since
+    they were sent are dropped here too (MADV_DONTNEED: zeros, or the file's own page again)."""
+    kept = {same_mapping(m) for m in new["mappings"]} & {same_mapping(m) for m in old["mappings"]}
+    for m in old["mappings"]:
+        if same_mapping(m) not in kept and m["kind"] not in ("vdso", "vsyscall"):
+            restorer.unmap(m["start"], m["end"] - m["start"])
+    for m in new["mappings"]:
+        if same_mapping(m) not in kept:
+            _map(restorer, m)
+    for start, length in discard:
+        restorer.madvise(start, length, MADV_DONTNEED)
 
 
 def fill(restorer, runs, payload):
@@ -382,7 +458,7 @@ def finish(restorer, section):
     for m in section["mappings"]:
         if m["kind"] in ("vdso", "vsyscall"):
             continue
-        if m["pages"] and m["prot"] != m["prot"] | PROT_READ | PROT_WRITE:
+        if m["prot"] != _filling_prot(m):
             restorer.protect(m["start"], m["end"] - m["start"], m["prot"])
         if m["path"].startswith("[anon:"):
             restorer.vma_name(m["start"], m["end"] - m["start"], m["path"][len("[anon:"):-1])

@@ -1,0 +1,70 @@
+"""Live (pre-copy) migration: memory copied while the process runs, then a short freeze.
+
+Checked as for stop-and-copy (output equal to a run never migrated, same memory layout, exit 0),
+plus a writer that dirties memory as fast as it can during the copy: the steps it counted and a
+hash of its whole region must equal a replay of that many steps in a process never migrated.
+"""
+import os
+import re
+import subprocess
+
+import pytest
+
+from conftest import assert_maps_equal, c_workload, migrate, read_maps, umig_cmd, umig_env, write_input_text
+from test_migrate import c_make, migrate_and_compare  # noqa: F401  (fixture)
+
+WRITER_MIB = "256"
+
+
+@pytest.mark.parametrize("name", ["memory", "registers", "signals", "sleeper", "files"])
+def test_live_workloads(agent, registry, c_make, name):
+    prepare = (lambda d: write_input_text(d / "input.txt")) if name == "files" else None
+    files = ("out.dat", "log.txt", "new.dat") if name == "files" else ()
+    _, _, info = migrate_and_compare(agent, registry, c_make(name), extra=("--live",), prepare=prepare, files=files)
+    assert info["mode"] == "live" and info["rounds"], f"not a live migration: {info}"
+
+
+def test_live_writer_loses_no_write(agent, registry, workloads, tmp_path):
+    wl = c_workload(workloads, "live_writer", tmp_path / "mig", WRITER_MIB, registry=registry)
+    wl.start().wait_ready()
+    maps_before = read_maps(wl.pid)
+    since = agent.mark()
+    info = migrate(wl.pid, agent.target(), "--live")
+    registry.remember(info["target_pid"])
+    assert len(info["rounds"]) >= 2, f"the writer should have needed more than one round: {info}"
+    assert_maps_equal(maps_before, read_maps(info["target_pid"]))
+    assert not any("userfaultfd" in os.readlink(f"/proc/{info['target_pid']}/fd/{fd}")
+                   for fd in os.listdir(f"/proc/{info['target_pid']}/fd")), "the tracking userfaultfd moved along"
+    wl.wait_exit(30)
+    wl.fire()
+    assert agent.wait_exit(info["target_pid"], 60, since) == ("status", 0)
+    steps, digest = re.fullmatch(r"ready\nsteps (\d+) hash (\w+)\n", wl.stdout()).groups()
+    replay = subprocess.run([workloads("live_writer"), "--replay", steps, WRITER_MIB], capture_output=True,
+                            text=True, check=True)
+    assert replay.stdout == f"steps {steps} hash {digest}\n", (
+        f"the migrated writer's memory is not what {steps} steps make: a write was lost or is stale")
+
+
+def test_live_target_killed_during_precopy(agent_factory, registry, workloads, tmp_path):
+    """The target agent dies while memory is copied: the source goes on as if nothing happened
+    (no tracker left: same fds, same layout) and its memory is still exactly its own."""
+    victim = agent_factory("victim")
+    src = c_workload(workloads, "live_writer", tmp_path / "src", WRITER_MIB, registry=registry)
+    src.start().wait_ready()
+    maps_before, fds_before = read_maps(src.pid), sorted(os.listdir(f"/proc/{src.pid}/fd"))
+    mark = victim.mark()
+    client = subprocess.Popen(umig_cmd("migrate", src.pid, victim.target(), "--live"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=umig_env())
+    victim.wait_for_line(rf"^victim: incoming pid {src.pid} ", 60, mark)
+    victim.kill()
+    out, err = client.communicate(timeout=120)
+    assert client.returncode != 0 and err.startswith("umig: ") and "Traceback" not in err, (out, err)
+    assert_maps_equal(maps_before, read_maps(src.pid), "after the failed live migration")
+    assert sorted(os.listdir(f"/proc/{src.pid}/fd")) == fds_before, "the tracking userfaultfd was left behind"
+    src.fire()
+    assert src.wait_exit(60) == 0
+    steps, digest = re.fullmatch(r"ready\nsteps (\d+) hash (\w+)\n", src.stdout()).groups()
+    replay = subprocess.run([workloads("live_writer"), "--replay", steps, WRITER_MIB], capture_output=True,
+                            text=True, check=True)
+    assert replay.stdout == f"steps {steps} hash {digest}\n"

@@ -1,0 +1,142 @@
+"""Pre-copy ("live") migration: copy memory while the process runs, then freeze it briefly for
+what it wrote meanwhile.
+
+Soft-dirty bits are not available on every kernel (not here): writes are found with userfaultfd
+write-protection in asynchronous mode. A userfaultfd is created inside the process (injected
+syscalls), every mapping whose pages travel is registered with it, and the PAGEMAP_SCAN ioctl of
+/proc/PID/pagemap then reports the pages written since the last scan and write-protects them again,
+in one atomic step, from outside and without faults reaching anyone.
+
+Rounds (each one reads and sends, while the process runs, what the previous one found written) stop
+when the next round's pages would be sent within FINAL_COPY_BUDGET at the rate just measured, when
+a round no longer shrinks the set (the process writes as fast as we copy), or after MAX_ROUNDS.
+Then the process is frozen, the last written pages are taken, the userfaultfd is closed, and the
+final state goes out with those pages and the layout changes since the first state.
+"""
+import ctypes
+import os
+import struct
+import time
+
+from umig import procfs
+from umig.errors import UmigError
+from umig.state import memory
+
+SYS_IOCTL, SYS_USERFAULTFD, SYS_FCNTL, SYS_CLOSE = 16, 323, 72, 3
+O_CLOEXEC, O_NONBLOCK, UFFD_USER_MODE_ONLY = 0o2000000, 0o4000, 1
+UFFD_API = 0xAA
+UFFD_FEATURE_WP_UNPOPULATED, UFFD_FEATURE_WP_ASYNC = 1 << 13, 1 << 15
+UFFDIO_API, UFFDIO_REGISTER = 0xC018AA3F, 0xC020AA00  # _IOWR(0xAA, 0x3F / 0x00, ...)
+UFFDIO_REGISTER_MODE_WP = 1 << 1
+F_DUPFD_CLOEXEC = 1030
+PM_SCAN_WP_MATCHING, PM_SCAN_CHECK_WPASYNC = 1 << 0, 1 << 1
+PAGE_IS_WRITTEN = 1 << 1
+TRACKED_KINDS = ("anon", "heap", "stack", "file", "shared_anon")
+
+MAX_ROUNDS = 10
+FINAL_COPY_BUDGET = 0.005  # seconds the last, frozen copy may take at the measured rate
+SHRINK_FACTOR = 0.9        # a round must leave less than this share of the previous one's pages
+
+
+class WriteTracker:
+    """A userfaultfd in async write-protect mode inside the process, and the scans that read it."""
+
+    def __init__(self, frozen, section):
+        """Arm it: the process must be stopped (injected syscalls)."""
+        self.frozen = frozen
+        self.tracked = []
+        with frozen.inside():
+            fd = frozen.syscall_checked("userfaultfd", SYS_USERFAULTFD, O_CLOEXEC | O_NONBLOCK | UFFD_USER_MODE_ONLY)
+            # Out of the way: the process's next open() should get the number it would have got.
+            limit = int(procfs.read_text(frozen.pid, "limits").split("Max open files")[1].split()[0])
+            high = frozen.session.syscall(SYS_FCNTL, fd, F_DUPFD_CLOEXEC, limit - 1)
+            if high >= 0:
+                frozen.syscall_checked("close", SYS_CLOSE, fd)
+                fd = high
+            self.fd = fd
+            frozen.tracee.write_memory(frozen.scratch, struct.pack(
+                "<QQQ", UFFD_API, UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED, 0))
+            self._ioctl("UFFDIO_API (write-protect, async)", UFFDIO_API)
+            for m in section["mappings"]:
+                if m["kind"] in TRACKED_KINDS:
+                    frozen.tracee.write_memory(frozen.scratch, struct.pack(
+                        "<QQQQ", m["start"], m["end"] - m["start"], UFFDIO_REGISTER_MODE_WP, 0))
+                    self._ioctl(f"UFFDIO_REGISTER of mapping {m['start']:x}-{m['end']:x}", UFFDIO_REGISTER)
+                    self.tracked.append(m)
+        self._pagemap = os.open(procfs.proc_path(frozen.pid, "pagemap"), os.O_RDONLY)
+        self.written()  # write-protects everything: from here on, writes are what it reports
+
+    def _ioctl(self, what, request):
+        result = self.frozen.session.syscall(SYS_IOCTL, self.fd, request, self.frozen.scratch)
+        if result < 0:
+            raise UmigError(f"{what} inside pid {self.frozen.pid} failed: {os.strerror(-result)} "
+                            "(live migration needs userfaultfd write-protect in async mode, Linux 6.7 or later)")
+
+    def written(self):
+        """Runs of pages written since the last call, write-protected again as they are reported."""
+        runs = []
+        vec = (memory._PageRegion * 1024)()
+        for m in self.tracked:
+            start = m["start"]
+            while start < m["end"]:
+                arg = memory._ScanArg(size=ctypes.sizeof(memory._ScanArg), flags=PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
+                                      start=start, end=m["end"], vec=ctypes.addressof(vec), vec_len=len(vec),
+                                      category_mask=PAGE_IS_WRITTEN, return_mask=PAGE_IS_WRITTEN)
+                n = memory._libc.ioctl(self._pagemap, ctypes.c_ulong(memory._PAGEMAP_SCAN), ctypes.byref(arg))
+                if n < 0:
+                    raise UmigError(f"PAGEMAP_SCAN of pid {self.frozen.pid} failed: {os.strerror(ctypes.get_errno())}")
+                runs.extend([region.start, region.end - region.start] for region in vec[:n])
+                start = arg.walk_end
+        return runs
+
+    def disarm(self):
+        """Close the userfaultfd inside the (stopped) process: its mappings are unregistered."""
+        os.close(self._pagemap)
+        with self.frozen.inside():
+            self.frozen.syscall_checked("close of the userfaultfd", SYS_CLOSE, self.fd)
+
+
+def _send_runs(write_pages, pid, runs):
+    started = time.monotonic()
+    sent = write_pages(pid, runs)
+    return sent, time.monotonic() - started
+
+
+def precopy(frozen, tracker, runs, write_pages, log=lambda line: None):
+    """Stream memory while the process runs, round after round; returns, with the process frozen
+    again, the pages written since the last round and the rounds' statistics."""
+    rounds = []
+    sent, elapsed = _send_runs(write_pages, frozen.pid, runs)
+    rounds.append({"pages": sent // procfs.PAGE_SIZE, "seconds": round(elapsed, 6)})
+    while True:
+        written = tracker.written()
+        size = sum(length for _, length in written)
+        rate = max(sent, procfs.PAGE_SIZE) / max(elapsed, 1e-6)
+        previous = rounds[-1]["pages"] * procfs.PAGE_SIZE
+        reason = ("small enough" if size / rate <= FINAL_COPY_BUDGET else
+                  "not shrinking" if size >= SHRINK_FACTOR * previous else
+                  "round limit" if len(rounds) >= MAX_ROUNDS else None)
+        if reason:
+            log(f"pre-copy: {len(rounds)} rounds, {size // procfs.PAGE_SIZE} pages left ({reason})")
+            frozen.stop()
+            return memory.union(written, tracker.written()), rounds
+        sent, elapsed = _send_runs(write_pages, frozen.pid, written)
+        rounds.append({"pages": sent // procfs.PAGE_SIZE, "seconds": round(elapsed, 6)})
+
+
+def final_pages(first, final, written, final_runs, tracked):
+    """What the frozen copy must send, and what the target must drop: in mappings unchanged since
+    the first state and tracked, the pages written since the last round; in new or changed
+    mappings, all their pages; and in the unchanged ones, every page the process no longer has."""
+    unchanged = {memory.same_mapping(m) for m in first["mappings"]} & {memory.same_mapping(m) for m in tracked}
+    send, discard = [], []
+    for m in final["mappings"]:
+        span = [[m["start"], m["end"] - m["start"]]]
+        present = memory.intersect(final_runs, span)
+        if memory.same_mapping(m) in unchanged:
+            send += memory.intersect(present, written)
+            if m["kind"] != "shared_anon":  # shmem pages live on in their file; nothing to drop
+                discard += memory.complement(present, m["start"], m["end"])
+        else:
+            send += present
+    return send, discard
