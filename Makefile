@@ -4,10 +4,10 @@
 # do all the set-up themselves (a virtualenv in .venv/, the package installed editable,
 # the restorer built, iproute2 for the tests). Both need root.
 #
-#   make install     .venv/ + `pip install -e '.[test]'` + the restorer (quick when done)
+#   make install     .venv/ + `pip install -e '.[test,bench]'` + the restorer (quick when done)
 #   make demo        migrate a ticking process between two agents on this host
 #   make test        run the test suite (pytest)
-#   make bench       stop-and-copy benchmark (16, 256, 1024 MiB)
+#   make bench       benchmark harness (docs/performance.md); BENCH_ARGS=--quick for a tiny run
 #   make clean       remove build products (keeps .venv/); distclean also removes .venv/
 
 SHELL := /bin/bash
@@ -63,7 +63,7 @@ $(VENV_PY):
 # Reinstall when the packaging changes. The editable install also builds the restorer
 # (setup.py runs `make -C restorer OUTPUT=umig/bin/umig-restorer`).
 $(STAMP): setup.py pyproject.toml umig/__init__.py | $(VENV_PY)
-	env -u MAKEFLAGS -u MFLAGS -u MAKELEVEL $(VENV_PY) -m pip install -q -e '.[test]'
+	env -u MAKEFLAGS -u MFLAGS -u MAKELEVEL $(VENV_PY) -m pip install -q -e '.[test,bench]'
 	@touch $@
 
 # Always delegate: the restorer's own Makefile knows its sources and rebuilds only
@@ -91,7 +91,8 @@ test: install system-deps
 	exit $$rc
 
 bench: install
-	$(VENV_PY) benchmarks/bench_stop_and_copy.py $(BENCH_ARGS)
+	@[ "$$(id -u)" = 0 ] || echo "==> warning: the benchmark needs root (ptrace, namespaces)" >&2
+	$(VENV_PY) benchmarks/bench.py $(BENCH_ARGS)
 
 clean:
 	-@[ ! -f restorer/Makefile ] || $(MAKE) --no-print-directory -C restorer clean

@@ -118,6 +118,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest"],
+        "bench": ["matplotlib"],
     },
     entry_points={
         "console_scripts": ["umig = umig.cli:main"],
