@@ -43,6 +43,10 @@ class Agent:
         except zmq.ZMQError as e:
             raise UmigError(f"cannot listen on {listen}: {e}") from None
         self.restored = {}  # pid to wait for -> the restored process's PID as shown
+        # Hooks for the scheduler (umig/balance.py), which lives in this same loop.
+        self.services = {}   # request kind -> handler(identity, meta)
+        self.tickers = []    # called on every turn of the loop; must not block
+        self.on_reaped = []  # called with (shown pid, ("status", N) or ("signal", N))
 
     def log(self, line):
         print(f"{self.name}: {line}", file=self.out, flush=True)
@@ -56,6 +60,11 @@ class Agent:
             if self.socket.poll(200, zmq.POLLIN):
                 self._handle(self.socket.recv_multipart())
             self._reap()
+            for tick in self.tickers:
+                tick()
+
+    def reply(self, identity, kind, **meta):
+        self.socket.send_multipart([identity] + control(kind, **meta))
 
     def _handle(self, frames):
         identity, rest = frames[0], frames[1:]
@@ -67,12 +76,19 @@ class Agent:
             self.log(f"ignored a malformed message ({e})")
             self.socket.send_multipart([identity] + control("failed", reason=str(e)))
             return
+        if kind in self.services:
+            self.services[kind](identity, meta)
+            return
         if kind != "hello":
             self.socket.send_multipart([identity] + control("failed", reason=f"unknown request {kind[:40]!r}"))
             return
         self._migration(identity, meta)
 
     def _busy(self, identity, frames):
+        if frames and frames[0].bytes.decode(errors="replace") in self.services:
+            # Short requests (load, jobs) are answered even while a migration is restored.
+            self._handle([identity] + [frame.bytes for frame in frames])
+            return
         if frames and frames[0].bytes == b"hello":
             self.socket.send_multipart([identity] + control("failed", reason=f"agent {self.name} is busy with another migration"))
 
@@ -120,16 +136,20 @@ class Agent:
                 continue
             del self.restored[waited]
             if os.WIFSIGNALED(status):
-                outcome = f"killed by {signal_name(os.WTERMSIG(status))}"
+                ended = ("signal", os.WTERMSIG(status))
             else:
                 code = os.WEXITSTATUS(status)
                 # A PID namespace's init passes its child's death by signal on as 128 + signal.
-                outcome = f"killed by {signal_name(code - 128)}" if waited != shown and code > 128 \
-                    else f"exited with status {code}"
+                ended = ("signal", code - 128) if waited != shown and code > 128 else ("status", code)
+            outcome = f"killed by {signal_name(ended[1])}" if ended[0] == "signal" else f"exited with status {ended[1]}"
             self.log(f"restored pid {shown} {outcome}")
+            for hook in self.on_reaped:
+                hook(shown, ended)
 
 
-def run(listen, name):
+def run(listen, name, scheduling=None):
     agent = Agent(listen, name)
+    from umig import balance
+    balance.attach(agent, scheduling or {})
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     agent.serve()

@@ -1,4 +1,4 @@
-"""umig's command line: agent, migrate, dump, restore, show, check."""
+"""umig's command line: agent, migrate, dump, restore, show, check, and the scheduler's nodes, run, top."""
 import argparse
 import json
 import os
@@ -26,9 +26,46 @@ def _report(result, as_json, verb):
               f"frozen {result['frozen_s']:.3f} s")
 
 
+def _options(pairs, what):
+    options = {}
+    for pair in pairs or ():
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UmigError(f"{what} wants KEY=VALUE, not {pair!r}")
+        options[key.replace("-", "_")] = value
+    return options
+
+
 def cmd_agent(args):
     from umig import agent
-    agent.run(args.listen, args.name)
+    scheduling = {"peers": args.peer, "cluster_file": args.cluster, "publish": args.publish,
+                  "interval": args.interval, "node_timeout": args.node_timeout, "balance": args.balance,
+                  "balance_options": _options(args.balance_opt, "--balance-opt"),
+                  "rules": {"uids": args.eligible_uid, "cgroups": args.eligible_cgroup, "names": args.eligible_name}}
+    scheduling.update(_options(args.guard, "--guard"))
+    agent.run(args.listen, args.name, scheduling)
+
+
+def cmd_nodes(args):
+    from umig import jobs, top
+    view = jobs.request(args.agent, "nodes", "nodes")
+    if args.json:
+        print(json.dumps(view))
+    else:
+        print("\n".join(top.render(view, width=100)))
+
+
+def cmd_run(args):
+    from umig import jobs
+    if not args.command_argv:
+        raise UmigError("umig run wants a command")
+    argv = args.command_argv[1:] if args.command_argv[0] == "--" else args.command_argv
+    return jobs.run(args.agent, argv, args.stdout, args.stderr, args.detach, args.json)
+
+
+def cmd_top(args):
+    from umig import top
+    top.main(args.agent, args.interval, args.once)
 
 
 def cmd_migrate(args):
@@ -107,7 +144,46 @@ def parser():
     a = sub.add_parser("agent", help="run the node daemon that receives and restores migrations")
     a.add_argument("--listen", default="tcp://127.0.0.1:7707", help="ZeroMQ endpoint (default: %(default)s)")
     a.add_argument("--name", help="this node's name (default: the host name)")
+    a.add_argument("--peer", action="append", default=[], metavar="ENDPOINT",
+                   help="another agent of the cluster (repeat); its load is read from its port + 1")
+    a.add_argument("--cluster", metavar="FILE", help="a file of agent endpoints, one a line")
+    a.add_argument("--publish", metavar="ENDPOINT", help="where to publish this node's load (default: with peers, "
+                                                         "the listening port + 1)")
+    a.add_argument("--interval", type=float, help="seconds between load samples (default: 1)")
+    a.add_argument("--node-timeout", type=float, help="seconds of silence before a peer leaves the view (default: 5)")
+    a.add_argument("--balance", metavar="POLICY", help="move processes by POLICY: none, threshold, age, memory or "
+                                                       "module:Class (default: none)")
+    a.add_argument("--balance-opt", action="append", metavar="KEY=VALUE", help="an option of the policy (repeat)")
+    a.add_argument("--guard", action="append", metavar="KEY=VALUE",
+                   help="process_interval, node_interval, hysteresis or cooldown (see docs/scheduling.md)")
+    a.add_argument("--eligible-uid", type=int, action="append", default=[], metavar="UID",
+                   help="processes of this uid may be moved, besides umig run's jobs")
+    a.add_argument("--eligible-cgroup", action="append", default=[], metavar="PATH",
+                   help="processes whose cgroup path contains PATH may be moved")
+    a.add_argument("--eligible-name", action="append", default=[], metavar="PATTERN",
+                   help="processes whose name matches the shell PATTERN may be moved")
     a.set_defaults(func=cmd_agent)
+
+    agent_option = dict(default="tcp://127.0.0.1:7707", help="the agent to ask (default: %(default)s)")
+    n = sub.add_parser("nodes", help="the cluster as an agent sees it")
+    n.add_argument("--agent", **agent_option)
+    n.add_argument("--json", action="store_true", help="print one JSON object")
+    n.set_defaults(func=cmd_nodes)
+
+    j = sub.add_parser("run", help="start a command as a job the scheduler may move; wait for it")
+    j.add_argument("--agent", **agent_option)
+    j.add_argument("--stdout", metavar="FILE", help="the job's stdout (default: passed on to this command's)")
+    j.add_argument("--stderr", metavar="FILE", help="the job's stderr (default: passed on to this command's)")
+    j.add_argument("--detach", action="store_true", help="print the job and return at once")
+    j.add_argument("--json", action="store_true", help="print the job's record as JSON")
+    j.add_argument("command_argv", nargs=argparse.REMAINDER, metavar="CMD ...")
+    j.set_defaults(func=cmd_run)
+
+    t = sub.add_parser("top", help="live view of the cluster: load, processes, migrations")
+    t.add_argument("--agent", **agent_option)
+    t.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default: %(default)s)")
+    t.add_argument("--once", action="store_true", help="print one frame and return")
+    t.set_defaults(func=cmd_top)
 
     def pid_mode_option(parser_):
         parser_.add_argument("--pid", dest="pid_mode", choices=("keep", "any"), default="keep",
