@@ -48,15 +48,15 @@ MIB = 2**20
 
 UMIG_MODES = {"stop": [], "live": ["--live"], "lazy": ["--lazy"]}
 MODE_LABELS = {"stop": "stop-and-copy", "live": "--live", "lazy": "--lazy",
-               "dump": "dump+restore"}
+               "dump": "dump+restore", "lazy-pages": "lazy-pages"}
 # Per umig mode, the CRIU mode that does the same job; used for the ratio lines.
-CRIU_COUNTERPART = {"stop": "dump", "lazy": "lazy"}
+CRIU_COUNTERPART = {"stop": "dump", "lazy": "lazy-pages"}
 
 DEFAULT_SIZES = [16, 256, 1024, 4096]
 QUICK_SIZES = [16]
 SPARSE_VIRT_MIB = 64 * 1024
 SPARSE_TOUCH_MIB = 10
-# CRIU's lazy-pages moves pages through pipes of 4 MiB (see docs/performance.md).
+# CRIU's lazy-pages moves pages through pipes this large (see docs/performance.md).
 CRIU_LAZY_PIPE_MIN = 4 * MIB
 
 
@@ -283,15 +283,16 @@ def criu_status(criu):
 
 
 def criu_lazy_problem():
+    """Why the CRIU lazy-pages rows do not run. They need fs.pipe-max-size >= 4 MiB, which
+    the machines this harness was written on lack (and it changes no sysctls), so the
+    sequence was never exercised; rows that never ran are not offered as figures."""
     try:
         with open("/proc/sys/fs/pipe-max-size") as f:
-            size = int(f.read())
+            size = f"{int(f.read()) // 1024} KiB"
     except OSError:
-        return "cannot read fs.pipe-max-size"
-    if size < CRIU_LAZY_PIPE_MIN:
-        return (f"CRIU lazy-pages needs fs.pipe-max-size >= {CRIU_LAZY_PIPE_MIN // MIB} MiB, "
-                f"this host has {size // 1024} KiB (the harness does not change sysctls)")
-    return None
+        size = "unknown"
+    return (f"not in the harness: CRIU lazy-pages needs fs.pipe-max-size >= "
+            f"{CRIU_LAZY_PIPE_MIN // MIB} MiB (here {size}), so it was never exercised")
 
 
 # --------------------------------------------------------------------------- one row
@@ -403,7 +404,6 @@ def bench_criu(workload, mode, binaries, workdir, run, criu):
     # tmpfs, so CRIU is not measured against a disk.
     images = tempfile.mkdtemp(prefix="umig-bench-criu-", dir="/dev/shm")
     proc = None
-    helpers = []
     timeout = 120 + workload.size_mib / 10
     try:
         proc, _, baseline = start_workload(workload, binaries, rundir)
@@ -411,19 +411,8 @@ def bench_criu(workload, mode, binaries, workdir, run, criu):
         row["source_pid"] = row["target_pid"] = pid
         row["baseline_gap_s"] = baseline["max_gap_ns"] / 1e9
         window = [time.monotonic()]
-        if mode == "dump":
-            steps = [("dump", criu_cmd(criu, "dump", images, "-t", pid)),
-                     ("restore", criu_cmd(criu, "restore", images, "-d"))]
-        else:
-            port = Agent("criu", rundir).port  # only for its free port
-            lazy = subprocess.Popen(criu_cmd(criu, "lazy-pages", images, "--page-server",
-                                             "--address", "127.0.0.1", "--port", port),
-                                    cwd=images, stdin=subprocess.DEVNULL,
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            helpers.append(lazy)
-            steps = [("dump", criu_cmd(criu, "dump", images, "-t", pid, "--lazy-pages",
-                                       "--address", "127.0.0.1", "--port", port)),
-                     ("restore", criu_cmd(criu, "restore", images, "-d", "--lazy-pages"))]
+        steps = [("dump", criu_cmd(criu, "dump", images, "-t", pid)),
+                 ("restore", criu_cmd(criu, "restore", images, "-d"))]
         wall = cpu = rss = 0.0
         for verb, cmd in steps:
             if verb == "restore":
@@ -449,11 +438,9 @@ def bench_criu(workload, mode, binaries, workdir, run, criu):
                 os.kill(proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        for p in helpers + ([proc] if proc else []):
-            if p.poll() is None:
-                p.kill()
+        if proc is not None:
             try:
-                p.wait(timeout=10)
+                proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 pass
         reap_orphans()
@@ -471,17 +458,40 @@ def mib(x):
     return "-" if x is None else f"{x / MIB:.1f}"
 
 
+def summarize(rows):
+    """One row per workload, tool and mode: the median of each figure over its runs; a
+    failed run makes the whole row failed."""
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["workload"], r["size_mib"], r["tool"], r["mode"]), []).append(r)
+    summary = []
+    for runs in groups.values():
+        bad = [r for r in runs if not r["ok"]]
+        if bad:
+            summary.append(Row(bad[0], runs=len(runs)))
+            continue
+        row = Row(runs[0], runs=len(runs), gap_in_window=all(r["gap_in_window"] for r in runs))
+        for key, value in runs[0].items():
+            if isinstance(value, float) or key in ("bytes", "pages", "agent_peak_rss", "client_peak_rss"):
+                values = sorted(r[key] for r in runs if r.get(key) is not None)
+                row[key] = values[len(values) // 2] if values else None
+        summary.append(row)
+    return summary
+
+
 def print_table(rows):
     cols = [("workload", 34, "<"), ("tool", 4, "<"), ("mode", 13, "<"), ("total ms", 9, ">"),
             ("frozen ms", 9, ">"), ("(tool)", 8, ">"), ("moved MiB", 9, ">"), ("GB/s", 5, ">"),
             ("CPU s", 6, ">"), ("agent MiB", 9, ">"), ("client MiB", 10, ">"), ("check", 5, "<")]
     say()
     say(" ".join(f"{name:{align}{width}}" for name, width, align in cols))
+    skipped = {}
     for r in rows:
         head = [r["label"], r["tool"], MODE_LABELS[r["mode"]]]
         if r.get("skipped"):
-            cells = head + [f"skipped: {r['error']}"]
-        elif not r["ok"]:
+            skipped.setdefault((r["tool"], MODE_LABELS[r["mode"]], r["error"]), []).append(r)
+            continue
+        if not r["ok"]:
             cells = head + ["FAILED: " + [ln for ln in r["error"].splitlines() if ln.strip()][0][:90]]
         else:
             gbps = "-" if r.get("gb_per_s") is None else f"{r['gb_per_s']:.2f}"
@@ -497,6 +507,9 @@ def print_table(rows):
     say("  (tool): what umig reports as frozen_s. moved: umig's --json bytes (page payload) or")
     say("  the size of CRIU's page images. CPU: agent + client, children included. agent/client")
     say("  MiB: peak RSS (VmHWM). check: the migrated process verified all of its memory.")
+    say("Figures are medians when a row ran more than once.")
+    for (tool, mode, why), skipped_rows in skipped.items():
+        say(f"skipped: {tool} {mode}, {len(skipped_rows)} row(s): {why}")
 
 
 def find_row(rows, workload, size, tool, mode):
@@ -590,7 +603,7 @@ def plot(rows, prefix):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for (tool, mode), by_size in sorted(series.items()):
             xs = sorted(by_size)
-            ys = [sorted(r[key] for r in by_size[x])[len(by_size[x]) // 2] * 1e3 for x in xs]
+            ys = [by_size[x][0][key] * 1e3 for x in xs]
             ax.plot(xs, ys, marker="o", label=f"{tool} {MODE_LABELS[mode]}")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -645,7 +658,7 @@ def plan(args, workloads, offered, criu):
             jobs.append((w, "umig", mode, offered[mode]))
             if criu and mode in CRIU_COUNTERPART:
                 cmode = CRIU_COUNTERPART[mode]
-                jobs.append((w, "criu", cmode, lazy_problem if cmode == "lazy" else None))
+                jobs.append((w, "criu", cmode, lazy_problem if cmode == "lazy-pages" else None))
     return jobs
 
 
@@ -713,8 +726,9 @@ def run(args):
     say()
     say(f"memory moved per row; umig modes {', '.join(args.modes)}; "
         f"{args.repeat} run(s) each")
-    print_table(rows)
-    ratios = criu_ratios(rows)
+    summary = summarize(rows)
+    print_table(summary)
+    ratios = criu_ratios(summary)
     say()
     if criu:
         say("umig / CRIU (below 1: umig needs less):")
@@ -722,7 +736,7 @@ def run(args):
             say("  " + line)
     else:
         say(f"umig / CRIU ratios: none, CRIU {criu_why}")
-    targets = check_targets(rows)
+    targets = check_targets(summary)
     say()
     say("targets:")
     for t in targets:
@@ -730,12 +744,12 @@ def run(args):
 
     os.makedirs(args.results, exist_ok=True)
     prefix = os.path.join(args.results, args.name)
-    plots = plot(rows, prefix)
+    plots = plot(summary, prefix)
     doc = {"benchmark": args.name, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
            "machine": machine,
            "umig_modes": {m: offered[m] or "runs" for m in args.modes},
            "criu": criu or f"skipped: {criu_why}",
-           "rows": rows, "criu_ratios": ratios, "targets": targets, "plots": plots}
+           "rows": rows, "summary": summary, "criu_ratios": ratios, "targets": targets, "plots": plots}
     with open(prefix + ".json", "w") as f:
         json.dump(doc, f, indent=1, sort_keys=True)
     say()
