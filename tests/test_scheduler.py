@@ -15,8 +15,9 @@ def proc(pid, age, rss=4 * MiB, eligible=True, job=None, moved_at=0.0):
             "moved_at": moved_at}
 
 
-def node(name, runq, capacity=1.0, processes=(), mem_free=8 * 1024 * MiB, mem_total=16 * 1024 * MiB, last_in=0.0):
-    return {"name": name, "endpoint": f"tcp://{name}:7707", "runq": runq, "capacity": capacity,
+def node(name, runq, capacity=1.0, processes=(), mem_free=8 * 1024 * MiB, mem_total=16 * 1024 * MiB, last_in=0.0,
+         time=float("inf")):
+    return {"name": name, "time": time, "endpoint": f"tcp://{name}:7707", "runq": runq, "capacity": capacity,
             "load": runq / capacity, "mem_free": mem_free, "mem_total": mem_total, "processes": list(processes),
             "last_in": last_in}
 
@@ -145,6 +146,9 @@ def test_guards_refuse_what_would_thrash():
     g.finished(move(), False, 1001.0)
     assert "cooling down" in g.refuse(move(), v, 1020.0)
     assert g.refuse(move(), v, 1032.0) is None
+    g.finished(move(pid=2, job="a.2"), True, 1035.0)
+    stale = view("a", node("a", 3, processes=[proc(1, 5.0, job="a.1")], time=1034.0), node("b", 0, time=1040.0))
+    assert "no sample of a since" in g.refuse(move(), stale, 1040.0)
     arrived = view("a", node("a", 3, processes=[proc(1, 5.0, job="a.1", moved_at=995.0)]), node("b", 0))
     assert "arrived 5.0 s ago" in Guards(process_interval=10).refuse(move(), arrived, 1000.0)
 

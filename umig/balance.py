@@ -27,6 +27,8 @@ class Guards:
     - hysteresis: a load migration must leave the target's load, with the process, below the
       source's by more than `hysteresis`; a memory migration must leave the target more free
       memory than the source has;
+    - a decision waits for samples of both nodes taken after this node's last migration ended
+      (until then the view still shows the process where it was);
     - never two migrations of one process at a time;
     - a process whose migration failed cools down for `cooldown`.
     """
@@ -40,6 +42,7 @@ class Guards:
         self.cooling = {}
         self.last_sent = float("-inf")
         self.last_sent_to = {}
+        self.last_ended = float("-inf")
 
     @staticmethod
     def key(m):
@@ -66,6 +69,9 @@ class Guards:
         last_in = max(self.last_sent_to.get(m.target, float("-inf")), target.get("last_in", 0.0))
         if now - last_in < self.node_interval:
             return f"{m.target} received a process {now - last_in:.1f} s ago (minimum {self.node_interval:g} s)"
+        stale = [n["name"] for n in (me, target) if n.get("time", float("inf")) <= self.last_ended]
+        if stale:
+            return f"no sample of {' and '.join(stale)} since the last migration ended"
         if m.metric == "memory":
             if target["mem_free"] - m.rss <= me["mem_free"]:
                 return f"{m.target} would have less free memory than this node"
@@ -83,6 +89,7 @@ class Guards:
 
     def finished(self, m, ok, now):
         self.in_flight.discard(self.key(m))
+        self.last_ended = now
         if not ok:
             self.cooling[self.key(m)] = now + self.cooldown
 
