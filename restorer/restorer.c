@@ -20,6 +20,7 @@
 #include <linux/prctl.h>
 #include <linux/resource.h>
 #include <linux/sched.h>
+#include <linux/userfaultfd.h>
 #include <linux/wait.h>
 
 #include "protocol.h"
@@ -390,6 +391,37 @@ static u64 step_itimer(void)
 	return t->which;
 }
 
+/* Post-copy: pages missing from these ranges are asked of the agent, which holds the other end. */
+static u64 step_userfaultfd(void)
+{
+	const struct umig_range *r = (const void *)payload;
+	struct uffdio_api api = {
+		.api = UFFD_API,
+		/* the agent must learn of ranges the process drops or moves before their pages come */
+		.features = UFFD_FEATURE_EVENT_REMAP | UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_EVENT_UNMAP,
+	};
+	long fd = check(syscall1(__NR_userfaultfd, O_CLOEXEC | O_NONBLOCK), UMIG_OP_USERFAULTFD, 0);
+
+	check(syscall3(__NR_ioctl, fd, UFFDIO_API, &api), UMIG_OP_USERFAULTFD, 0);
+	for (u32 i = 0; i < payload_size / sizeof(*r); i++) {
+		struct uffdio_register reg = {
+			.range = { .start = r[i].start, .len = r[i].length },
+			.mode = UFFDIO_REGISTER_MODE_MISSING,
+		};
+		check(syscall3(__NR_ioctl, fd, UFFDIO_REGISTER, &reg), UMIG_OP_USERFAULTFD, r[i].start);
+	}
+	return fd;
+}
+
+static u64 step_close(void)
+{
+	const s32 *fd = (const void *)payload;
+
+	expect_size(UMIG_OP_CLOSE, sizeof(*fd), 0);
+	check(syscall1(__NR_close, *fd), UMIG_OP_CLOSE, (u32)*fd);
+	return *fd;
+}
+
 static u64 step_chdir(void)
 {
 	check(syscall1(__NR_chdir, payload), UMIG_OP_CHDIR, 0);
@@ -568,6 +600,10 @@ static u64 execute(u32 op)
 		return step_dup();
 	case UMIG_OP_ITIMER:
 		return step_itimer();
+	case UMIG_OP_USERFAULTFD:
+		return step_userfaultfd();
+	case UMIG_OP_CLOSE:
+		return step_close();
 	case UMIG_OP_CHDIR:
 		return step_chdir();
 	case UMIG_OP_UMASK:

@@ -16,6 +16,15 @@ from test_migrate import c_make, migrate_and_compare  # noqa: F401  (fixture)
 WRITER_MIB = "256"
 
 
+def assert_writer_exact(workloads, stdout, mib=WRITER_MIB):
+    """The writer's steps and hash equal those of a never-migrated writer replaying as many steps."""
+    steps, digest = re.fullmatch(r"ready\nsteps (\d+) hash (\w+)\n", stdout).groups()
+    replay = subprocess.run([workloads("live_writer"), "--replay", steps, mib], capture_output=True,
+                            text=True, check=True)
+    assert replay.stdout == f"steps {steps} hash {digest}\n", (
+        f"the writer's memory is not what {steps} steps make: a write was lost, stale or came wrong")
+
+
 @pytest.mark.parametrize("name", ["memory", "registers", "signals", "sleeper", "files"])
 def test_live_workloads(agent, registry, c_make, name):
     prepare = (lambda d: write_input_text(d / "input.txt")) if name == "files" else None
@@ -38,11 +47,7 @@ def test_live_writer_loses_no_write(agent, registry, workloads, tmp_path):
     wl.wait_exit(30)
     wl.fire()
     assert agent.wait_exit(info["target_pid"], 60, since) == ("status", 0)
-    steps, digest = re.fullmatch(r"ready\nsteps (\d+) hash (\w+)\n", wl.stdout()).groups()
-    replay = subprocess.run([workloads("live_writer"), "--replay", steps, WRITER_MIB], capture_output=True,
-                            text=True, check=True)
-    assert replay.stdout == f"steps {steps} hash {digest}\n", (
-        f"the migrated writer's memory is not what {steps} steps make: a write was lost or is stale")
+    assert_writer_exact(workloads, wl.stdout())
 
 
 def test_live_target_killed_during_precopy(agent_factory, registry, workloads, tmp_path):
@@ -64,7 +69,4 @@ def test_live_target_killed_during_precopy(agent_factory, registry, workloads, t
     assert sorted(os.listdir(f"/proc/{src.pid}/fd")) == fds_before, "the tracking userfaultfd was left behind"
     src.fire()
     assert src.wait_exit(60) == 0
-    steps, digest = re.fullmatch(r"ready\nsteps (\d+) hash (\w+)\n", src.stdout()).groups()
-    replay = subprocess.run([workloads("live_writer"), "--replay", steps, WRITER_MIB], capture_output=True,
-                            text=True, check=True)
-    assert replay.stdout == f"steps {steps} hash {digest}\n"
+    assert_writer_exact(workloads, src.stdout())

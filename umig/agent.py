@@ -112,6 +112,10 @@ class Agent:
             session.expect("commit")
             restored.resume()
             session.send("running", target_pid=restored.pid)
+            if restored.pager:
+                self.log(f"pid {pid} running as {restored.pid}; post-copy of {restored.pager.pending.count} pages")
+                restored.complete(session, reader)
+                session.send("complete")
         except Exception as e:
             if restored is not None:
                 restored.discard()

@@ -150,15 +150,18 @@ def collect(frozen):
     return state, runs
 
 
-def write_image(writer, frozen, state, runs, after_state=None):
-    """header, state, page batches, end. after_state runs between state and pages (migrate waits
-    there for the target to accept)."""
+def write_image(writer, frozen, state, runs, after_state=None, last=None):
+    """header, state, page batches, then `last` (the end record by default). after_state runs
+    between state and pages (migrate waits there for the target to accept)."""
     writer.write(image.header(state["pid"]))
     writer.write(image.Record("state", state))
     if after_state:
         after_state()
     write_pages(writer, frozen.pid, runs)
-    writer.end()
+    if last:
+        writer.write(last)
+    else:
+        writer.end()
 
 
 def write_pages(writer, pid, runs):

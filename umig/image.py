@@ -17,7 +17,7 @@ from umig.errors import DamagedImage, UmigError
 
 FORMAT_VERSION = 1
 FILE_MAGIC = b"UMIGIMG\n"
-KINDS = ("header", "state", "pages", "end")
+KINDS = ("header", "state", "pages", "resume", "end")
 # A frame longer than this is a damaged length prefix, not data: batches are ~1 MiB.
 MAX_FRAME = 256 << 20
 _LENGTH = struct.Struct("<Q")
@@ -76,7 +76,7 @@ class ImageReader:
         self._next_frame = next_frame  # callable returning the next frame (a buffer)
         self._seq = 0
         self._ended = False
-        self._live = False
+        self._mode = None
         self.pages = 0
         self.bytes = 0
 
@@ -89,9 +89,11 @@ class ImageReader:
         kind, seq, meta, payload_length, payload_digest = decode_head(self._next_frame())
         if seq != self._seq:
             raise DamagedImage(f"damaged image: record {seq} arrived where record {self._seq} belongs")
-        # A live migration's stream has a second, final state after the pages copied while it ran.
+        # A live migration's stream has a second, final state after the pages copied while it ran;
+        # a lazy one says where the process resumes, and the rest of its pages follow.
         expected = ("header",) if seq == 0 else ("state",) if seq == 1 else \
-            ("pages", "state", "end") if self._live else ("pages", "end")
+            ("pages", "state", "end") if self._mode == "live" else \
+            ("pages", "resume", "end") if self._mode == "lazy" else ("pages", "end")
         if kind not in expected:
             raise DamagedImage(f"damaged image: a {kind} record where {' or '.join(expected)} belongs")
         payload = None
@@ -101,8 +103,10 @@ class ImageReader:
         self._seq += 1
         if kind == "header":
             check_header(meta)
-        elif kind == "state":
-            self._live = seq == 1 and meta.get("live") is True
+        elif kind == "state" and seq == 1:
+            self._mode = meta.get("mode")
+        elif kind == "resume":
+            self._mode = None  # once
         elif kind == "pages":
             check_runs(meta, payload)
             self.pages += len(payload) // 4096

@@ -9,12 +9,12 @@ source is then thawed too (a duplicate can be killed, a lost process cannot be b
 import os
 import time
 
-from umig import dump, image, live
+from umig import dump, image, postcopy, precopy
 from umig.errors import UmigError
 from umig.transport import Connection
 
 
-def migrate(pid, target, requested_pid_mode="keep", timeout=60.0, live=False):
+def migrate(pid, target, requested_pid_mode="keep", timeout=60.0, live=False, lazy=False):
     started = time.monotonic()
     dump.refuse_blocked(pid)
     connection = Connection(target, timeout)
@@ -28,6 +28,8 @@ def migrate(pid, target, requested_pid_mode="keep", timeout=60.0, live=False):
         writer = image.ImageWriter(connection.send_record)
         if live:
             frozen_at, first_freeze, rounds = _precopy(frozen, state, runs, writer, connection, frozen_at)
+        elif lazy:
+            lazy_runs = _postcopy_start(frozen, state, runs, writer, connection)
         else:
             dump.write_image(writer, frozen, state, runs,
                              after_state=lambda: connection.expect("accepted", "checking the image"))
@@ -35,6 +37,8 @@ def migrate(pid, target, requested_pid_mode="keep", timeout=60.0, live=False):
         connection.send_control("commit")
         running = connection.expect("running", "resuming")
         resumed_at = time.monotonic()
+        if lazy:
+            postcopy.serve(pid, writer, connection, lazy_runs)
         frozen.release()
     except BaseException as e:
         try:
@@ -51,6 +55,8 @@ def migrate(pid, target, requested_pid_mode="keep", timeout=60.0, live=False):
     result = {"source_pid": pid, "target": connection.endpoint, "target_name": welcome.get("name"),
               "target_pid": running["target_pid"], "pages": writer.pages, "bytes": writer.bytes,
               "total_s": round(time.monotonic() - started, 6), "frozen_s": round(resumed_at - frozen_at, 6)}
+    if lazy:
+        result.update(mode="lazy", postcopy_s=round(time.monotonic() - resumed_at, 6))
     if live:
         # The process was also held while its first state was taken and the tracker armed.
         result.update(mode="live", first_freeze_s=round(first_freeze, 6), rounds=rounds,
@@ -58,22 +64,32 @@ def migrate(pid, target, requested_pid_mode="keep", timeout=60.0, live=False):
     return result
 
 
+def _postcopy_start(frozen, state, runs, writer, connection):
+    """The lazy path up to the resume: the state and the pages userfaultfd cannot bring later.
+    Returns the runs that follow once the process runs on the target."""
+    eager, lazy_runs = postcopy.split(state, runs)
+    dump.write_image(writer, frozen, dict(state, mode="lazy", lazy_runs=lazy_runs), eager,
+                     after_state=lambda: connection.expect("accepted", "checking the image"),
+                     last=image.Record("resume", {"pages": sum(length for _, length in lazy_runs) // 4096}))
+    return lazy_runs
+
+
 def _precopy(frozen, state, runs, writer, connection, frozen_at):
     """The live path: first state, memory copied while the process runs, then the final state
     and what changed. Returns (when the last freeze began, how long the first lasted, rounds)."""
     writer.write(image.header(state["pid"]))
-    writer.write(image.Record("state", dict(state, live=True)))
-    frozen.tracker = live.WriteTracker(frozen, state["memory"])
+    writer.write(image.Record("state", dict(state, mode="live")))
+    frozen.tracker = precopy.WriteTracker(frozen, state["memory"])
     frozen.run()
     first_freeze = time.monotonic() - frozen_at
     connection.expect("accepted", "checking the image")
-    written, rounds = live.precopy(frozen, frozen.tracker, runs,
+    written, rounds = precopy.copy_rounds(frozen, frozen.tracker, runs,
                                    lambda pid, round_runs: dump.write_pages(writer, pid, round_runs))
     final_frozen_at = time.monotonic()
     tracker, frozen.tracker = frozen.tracker, None
     tracker.disarm()
     final, final_runs = dump.collect(frozen)
-    send, discard = live.final_pages(state["memory"], final["memory"], written, final_runs, tracker.tracked)
+    send, discard = precopy.final_pages(state["memory"], final["memory"], written, final_runs, tracker.tracked)
     writer.write(image.Record("state", dict(final, discard=discard)))
     dump.write_pages(writer, frozen.pid, send)
     writer.end()

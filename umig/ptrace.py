@@ -517,6 +517,15 @@ class Tracee:
             self._close_mem()
         return stop
 
+    def poll_stop(self):
+        """The tracee's next stop or end if one is waiting, else None (never blocks)."""
+        pid, status = os.waitpid(self.pid, WALL | os.WNOHANG)
+        if not pid:
+            return None
+        stop = Stop.decode(status)
+        self.last_stop, self.stopped = stop, stop.stopped
+        return stop
+
     def cont(self, sig=0):
         """PTRACE_CONT, delivering ``sig`` if the thread is at a signal-delivery-stop."""
         self._ptrace(PTRACE_CONT, 0, sig)

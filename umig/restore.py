@@ -7,7 +7,7 @@ the final registers, xsave state and signal mask, and lets it run only on commit
 """
 import os
 
-from umig import procfs
+from umig import postcopy, procfs
 from umig.ptrace import Registers, Tracee
 from umig.restorer import Restorer
 from umig.state import credentials, files, memory, mm, registers, rseq, signals, task
@@ -35,18 +35,29 @@ def check_target(state, built=None):
 class RestoredProcess:
     """A rebuilt process held at its restorer's last syscall, waiting for resume() or discard()."""
 
-    def __init__(self, restorer, tracee, state):
+    def __init__(self, restorer, tracee, state, pager=None):
         self.restorer = restorer
         self.tracee = tracee
         self.state = state
+        self.pager = pager  # post-copy: the pages still to come (umig/postcopy.py)
         self.pid = restorer.pid            # as this host's initial PID namespace sees it
         self.init_pid = restorer.init_pid  # the PID namespace's init in "ns" mode, else None
 
     def resume(self):
+        if self.pager:
+            self.tracee.cont()  # still traced (and killed with the agent) until every page is in
+        else:
+            self.tracee.detach()
+
+    def complete(self, session, records):
+        """Post-copy: serve the process's missing pages until all have come, then let it go."""
+        self.pager.run(session, records, self.tracee)
         self.tracee.detach()
 
     def discard(self):
         self.restorer.kill()
+        if self.pager:
+            self.pager.close()
 
 
 def restore(records, requested_pid_mode="keep", on_accept=None):
@@ -57,6 +68,7 @@ def restore(records, requested_pid_mode="keep", on_accept=None):
     check_target(state)
     restorer = Restorer()
     restorer.start(pid_mode(requested_pid_mode, state["pid"]), state["pid"])
+    pager = None
     try:
         tracee = Tracee(restorer.pid)
         tracee.seize(PTRACE_O_EXITKILL)
@@ -75,6 +87,13 @@ def restore(records, requested_pid_mode="keep", on_accept=None):
                 check_target(final, built=state)
                 memory.relayout(restorer, state["memory"], final["memory"], final["discard"])
                 state = final
+            elif record.kind == "resume":  # post-copy: the rest comes once the process runs
+                spans = [[m["start"], m["end"] - m["start"]] for m in state["memory"]["mappings"]
+                         if m["kind"] in postcopy.LAZY_KINDS]
+                remote_fd = restorer.userfaultfd(spans)
+                pager = postcopy.Pager(restorer.pid, remote_fd, state["lazy_runs"])
+                restorer.close(remote_fd)
+                break
         memory.finish(restorer, state["memory"])
         mm.restore(restorer, state["mm"])
         files.restore(restorer, state["files"])
@@ -86,7 +105,7 @@ def restore(records, requested_pid_mode="keep", on_accept=None):
         tracee.finish_restore(Registers.from_bytes(state["registers"]["gpr"]), state["registers"]["xstate"],
                               state["signals"]["blocked"])
         task.restore_from_outside(restorer.pid, state["task"])
-        return RestoredProcess(restorer, tracee, state)
+        return RestoredProcess(restorer, tracee, state, pager)
     except BaseException:
         restorer.kill()
         raise

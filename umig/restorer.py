@@ -66,6 +66,8 @@ class Op(IntEnum):
     MADVISE = 26
     DUP = 27
     ITIMER = 28
+    USERFAULTFD = 29
+    CLOSE = 30
 
 
 # The fixed parts of protocol.h's structs, by their C names.
@@ -97,9 +99,9 @@ MM_FIELDS = (
 )
 
 # How a failure report's detail reads, per step.
-_AT_ADDRESS = {Op.RELOCATE, Op.UNMAP, Op.MOVE, Op.MAP, Op.PAGES, Op.PROTECT, Op.MADVISE, Op.SIGALTSTACK,
+_AT_ADDRESS = {Op.RELOCATE, Op.UNMAP, Op.MOVE, Op.MAP, Op.PAGES, Op.PROTECT, Op.MADVISE, Op.USERFAULTFD, Op.SIGALTSTACK,
                Op.RSEQ, Op.TID_ADDRESS, Op.VMA_NAME}
-_FOR_FD = {Op.CLOSE_FDS, Op.OPEN_FD, Op.DUP}
+_FOR_FD = {Op.CLOSE_FDS, Op.OPEN_FD, Op.DUP, Op.CLOSE}
 _FOR_SIGNAL = {Op.SIGACTION, Op.SIGQUEUE}
 
 # Known causes worth naming in the message.
@@ -199,6 +201,7 @@ class Restorer:
         self.init_pid: int | None = None
         self.image_size = 0
         self.remote_channel_fd: int | None = None  # the channel's fd in the child
+        self.remote_userfaultfd: int | None = None  # set by userfaultfd()
         self.exit_status: int | None = None  # wait status of the child, or the init in "ns" mode
         self.finished = False
         self._reaped = False
@@ -354,6 +357,8 @@ class Restorer:
             self._sent.popleft()
             if op == Op.CLOSE_FDS:
                 self.remote_channel_fd = detail
+            elif op == Op.USERFAULTFD:
+                self.remote_userfaultfd = detail
             return
         # The restorer stops at its first failure: every command before it succeeded.
         while self._sent and not (self._sent[0].op == op and
@@ -507,6 +512,17 @@ class Restorer:
     def itimer(self, which: int, interval: tuple[int, int], value: tuple[int, int]) -> None:
         """Arms timer `which` (ITIMER_*) with (seconds, microseconds) pairs, as setitimer takes them."""
         self._send(Op.ITIMER, LAYOUTS["umig_itimer"].pack(which, 0, *interval, *value))
+
+    def userfaultfd(self, ranges) -> int:
+        """Creates a userfaultfd in the process with `ranges` ([start, length] pairs) registered for
+        missing pages; returns its fd number there, once the restorer has reported it."""
+        raw = b"".join(LAYOUTS["umig_range"].pack(start, length) for start, length in ranges)
+        self._send(Op.USERFAULTFD, raw)
+        self.sync()
+        return self.remote_userfaultfd
+
+    def close(self, fd: int) -> None:
+        self._send(Op.CLOSE, struct.pack("<i", fd))
 
     def chdir(self, path: str | bytes | os.PathLike) -> None:
         raw = os.fsencode(path)

@@ -124,6 +124,22 @@ class Connection:
     def send_control(self, kind, **meta):
         self.send(control(kind, **meta), f"sending {kind}")
 
+    def poll_control(self, timeout):
+        """The next control message within timeout seconds, or None (a `failed` becomes the error)."""
+        if not self._pending:
+            self._poller.register(self._socket, zmq.POLLIN)
+            try:
+                arrived = self._socket in self._watch(timeout)
+            finally:
+                self._poller.unregister(self._socket)
+            if not arrived:
+                return None
+            self._pending.append(self._socket.recv_multipart())
+        kind, meta = parse_control(self._pending.popleft())
+        if kind == "failed":
+            raise UmigError(f"target failed: {meta.get('reason', 'no reason given')}")
+        return kind, meta
+
     def expect(self, kind, what):
         """The next control message, which must be `kind` (a `failed` becomes the error)."""
         if self._pending:
@@ -149,7 +165,7 @@ class Session:
     turns other peers away while busy, and times out a source that falls silent."""
 
     def __init__(self, socket, identity, timeout, busy_reply):
-        self._socket = socket
+        self.socket = self._socket = socket
         self.identity = identity
         self.timeout = timeout
         self._busy_reply = busy_reply
@@ -169,6 +185,10 @@ class Session:
                 self._busy_reply(identity.bytes, frames)
                 continue
             return frames
+
+    def ready(self):
+        """Whether a frame can be had without waiting."""
+        return bool(self._frames) or bool(self._socket.poll(0, zmq.POLLIN))
 
     def next_frame(self):
         """The next image frame (a zero-copy buffer), for ImageReader."""

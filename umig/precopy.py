@@ -102,7 +102,7 @@ def _send_runs(write_pages, pid, runs):
     return sent, time.monotonic() - started
 
 
-def precopy(frozen, tracker, runs, write_pages, log=lambda line: None):
+def copy_rounds(frozen, tracker, runs, write_pages, log=lambda line: None):
     """Stream memory while the process runs, round after round; returns, with the process frozen
     again, the pages written since the last round and the rounds' statistics."""
     rounds = []

@@ -1,0 +1,70 @@
+"""Post-copy ("lazy") migration: the process runs on the target at once, its memory follows on
+demand (userfaultfd) and in the background. Checked like every migration (output equal to a run
+never migrated, same layout, exit 0), with a writer that touches its pages in random order, and
+with failures before the process resumes and while its pages are still coming."""
+import subprocess
+import time
+
+import pytest
+
+from conftest import alive, assert_maps_equal, c_workload, migrate, read_maps, umig_cmd, umig_env, wait_until, \
+    write_input_text
+from test_failures import (assert_target_clean, finish_and_compare, migrate_expecting_failure,  # noqa: F401
+                           pair)
+from test_live import WRITER_MIB, assert_writer_exact
+from test_migrate import c_make, migrate_and_compare  # noqa: F401  (fixture)
+
+
+@pytest.mark.parametrize("name", ["memory", "registers", "signals", "sleeper", "files"])
+def test_lazy_workloads(agent, registry, c_make, name):
+    prepare = (lambda d: write_input_text(d / "input.txt")) if name == "files" else None
+    files = ("out.dat", "log.txt", "new.dat") if name == "files" else ()
+    _, _, info = migrate_and_compare(agent, registry, c_make(name), extra=("--lazy",), prepare=prepare, files=files)
+    assert info["mode"] == "lazy", f"not a post-copy migration: {info}"
+
+
+def test_lazy_writer_touching_pages_in_random_order(agent, registry, workloads, tmp_path):
+    wl = c_workload(workloads, "live_writer", tmp_path / "mig", WRITER_MIB, registry=registry)
+    wl.start().wait_ready()
+    maps_before = read_maps(wl.pid)
+    since = agent.mark()
+    info = migrate(wl.pid, agent.target(), "--lazy")
+    registry.remember(info["target_pid"])
+    assert_maps_equal(maps_before, read_maps(info["target_pid"]))
+    wl.wait_exit(30)
+    wl.fire()
+    assert agent.wait_exit(info["target_pid"], 60, since) == ("status", 0)
+    assert_writer_exact(workloads, wl.stdout())
+
+
+def test_lazy_restore_fails_before_resume(pair, agent_factory, registry):
+    """A restorer step fails before the process resumes: the source goes on untouched."""
+    low = agent_factory("low-limits", prefix=["prlimit", "--nofile=1024:4096", "--"])
+    ref, src = pair("memory", "4", prefix=["prlimit", "--nofile=1024:8192", "--"])
+    since = time.time()
+    line = migrate_expecting_failure(src.pid, low.target(), "--lazy")
+    assert "rlimit" in line.lower(), line
+    low.assert_alive()
+    assert_target_clean(low, since, registry, markers=[src.argv[0]])
+    finish_and_compare(src, ref)
+
+
+def test_lazy_source_lost_during_postcopy(agent_factory, registry, workloads, tmp_path):
+    """`umig migrate` dies while pages are still coming: the target cannot go on, so the agent
+    kills the half-arrived process and says so; the source, no longer traced, resumes from where
+    it was frozen and its memory is still exactly its own."""
+    target = agent_factory("stranded")
+    src = c_workload(workloads, "live_writer", tmp_path / "src", "1024", registry=registry)
+    src.start().wait_ready()
+    mark = target.mark()
+    client = subprocess.Popen(umig_cmd("migrate", src.pid, target.target(), "--lazy"), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, env=umig_env())
+    m = target.wait_for_line(rf"^stranded: pid {src.pid} running as (\d+); post-copy", 60, mark)
+    client.kill()
+    client.wait(30)
+    target.wait_for_line(rf"^stranded: pid {src.pid} failed: the source was lost during post-copy", 60, mark)
+    wait_until(lambda: not alive(int(m[1])), 30, "the stranded process to be killed")
+    target.assert_alive()
+    src.fire()
+    assert src.wait_exit(60) == 0
+    assert_writer_exact(workloads, src.stdout(), "1024")

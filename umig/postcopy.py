@@ -1,0 +1,245 @@
+"""Post-copy ("lazy") migration: the process runs on the target before its memory has arrived.
+
+The source sends the state and the few pages userfaultfd cannot fetch later (copy-on-write pages
+of private file mappings, shared memory), then the process resumes on the target. Its anonymous
+memory (heap, stack, anonymous mappings) is registered with a userfaultfd the restorer creates
+and hands to the agent (pidfd_getfd): a page the process touches is asked of the source at once,
+while the source streams all the others in the background. The source is released only when every
+page has arrived.
+
+Until then the agent stays the process's tracer (with PTRACE_O_EXITKILL): an agent that dies takes
+the process with it, rather than letting the kernel fill its missing pages with zeros. A source
+lost during post-copy cannot be recovered: the agent kills the process and says so; the source
+side, which still holds the original frozen, resumes it from the moment it was frozen.
+"""
+import bisect
+import ctypes
+import os
+import struct
+import time
+
+import zmq
+
+from umig import image
+from umig.errors import UmigError
+from umig.procfs import PAGE_SIZE
+from umig.state import memory
+
+LAZY_KINDS = ("anon", "heap", "stack")
+PREFETCH_PAGES = 16  # a fault fetches its neighbours too: processes touch memory in runs
+# While pages are missing the source streams without pause: this long a silence means it is gone.
+SOURCE_SILENCE = 10.0
+
+SYS_PIDFD_OPEN, SYS_PIDFD_GETFD = 434, 438
+UFFD_EVENT_PAGEFAULT, UFFD_EVENT_REMAP, UFFD_EVENT_REMOVE, UFFD_EVENT_UNMAP = 0x12, 0x14, 0x15, 0x16
+UFFDIO_COPY, UFFDIO_ZEROPAGE = 0xC028AA03, 0xC020AA04
+_MSG = struct.Struct("<BBHI24s")
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def split(state, runs):
+    """(eager, lazy) page runs: userfaultfd serves missing pages of anonymous private memory only,
+    and not those the kernel writes while the restorer still runs (the rseq area, on registration):
+    no one would answer that fault."""
+    lazy_spans = [[m["start"], m["end"] - m["start"]] for m in state["memory"]["mappings"] if m["kind"] in LAZY_KINDS]
+    if state["rseq"]:
+        first = state["rseq"]["address"] & ~(PAGE_SIZE - 1)
+        last = (state["rseq"]["address"] + state["rseq"]["length"] - 1) & ~(PAGE_SIZE - 1)
+        lazy_spans = memory.intersect(lazy_spans, memory.complement([[first, last + PAGE_SIZE - first]], 0, 2 ** 64))
+    lazy = memory.intersect(runs, lazy_spans)
+    eager = memory.intersect(runs, memory.complement(lazy, 0, 2 ** 64))
+    return eager, lazy
+
+
+# --- source ------------------------------------------------------------------------------------------
+
+def serve(pid, writer, connection, lazy_runs):
+    """Stream the lazy pages while answering the target's faults first; returns when the target
+    has every page."""
+    background = memory.read_batches(pid, lazy_runs)
+    streaming = True
+    while True:
+        message = connection.poll_control(0 if streaming else connection.timeout)
+        if message is None:
+            if not streaming:
+                raise UmigError(f"the agent at {connection.endpoint} fell silent during post-copy")
+            batch = next(background, None)
+            if batch is None:
+                writer.end()
+                streaming = False
+            else:
+                writer.write(image.Record("pages", {"runs": batch[0]}, batch[1]))
+            continue
+        kind, meta = message
+        if kind == "complete":
+            return
+        if kind != "fetch":
+            raise UmigError(f"the agent sent {kind!r} during post-copy")
+        wanted = memory.intersect(lazy_runs, [[meta["address"], PREFETCH_PAGES * PAGE_SIZE]])
+        for batch_runs, buffer in memory.read_batches(pid, wanted):
+            writer.write(image.Record("pages", {"runs": batch_runs}, buffer))
+
+
+# --- target ------------------------------------------------------------------------------------------
+
+class _Uffdio(ctypes.Structure):
+    _fields_ = [("dst", ctypes.c_uint64), ("src", ctypes.c_uint64), ("len", ctypes.c_uint64),
+                ("mode", ctypes.c_uint64), ("result", ctypes.c_int64)]
+
+
+class _UffdioZeropage(ctypes.Structure):
+    _fields_ = [("start", ctypes.c_uint64), ("len", ctypes.c_uint64), ("mode", ctypes.c_uint64),
+                ("result", ctypes.c_int64)]
+
+
+class PendingPages:
+    """The lazy pages that have not arrived yet, as one bitmap per run (by source address)."""
+
+    def __init__(self, runs):
+        self.starts = [start for start, _ in runs]
+        self.runs = runs
+        self.bits = [bytearray(b"\1") * (length // PAGE_SIZE) for _, length in runs]
+        self.count = sum(length for _, length in runs) // PAGE_SIZE
+
+    def _where(self, address):
+        i = bisect.bisect_right(self.starts, address) - 1
+        if i >= 0 and address < self.starts[i] + self.runs[i][1]:
+            return i, (address - self.starts[i]) // PAGE_SIZE
+        return None
+
+    def missing(self, address):
+        where = self._where(address)
+        return where is not None and self.bits[where[0]][where[1]] == 1
+
+    def take(self, address):
+        """Mark a page arrived (or no longer wanted); whether it was still missing."""
+        where = self._where(address)
+        if where is None or not self.bits[where[0]][where[1]]:
+            return False
+        self.bits[where[0]][where[1]] = 0
+        self.count -= 1
+        return True
+
+
+class Pager:
+    """The agent's side of post-copy for one process: its userfaultfd, the pages still missing,
+    and where the process moved memory meanwhile (mremap)."""
+
+    def __init__(self, pid, remote_fd, lazy_runs):
+        pidfd = _libc.syscall(SYS_PIDFD_OPEN, pid, 0)
+        fd = _libc.syscall(SYS_PIDFD_GETFD, pidfd, remote_fd, 0) if pidfd >= 0 else -1
+        err = ctypes.get_errno()
+        if pidfd >= 0:
+            os.close(pidfd)
+        if fd < 0:
+            raise UmigError(f"pidfd_getfd of the restored process's userfaultfd failed: {os.strerror(err)}")
+        self.fd = fd
+        self.pending = PendingPages(lazy_runs)
+        self.remaps = []  # (from, to, length) in the order the process made them
+        self.requested = set()
+        self.faults = 0
+
+    def close(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def _to_target(self, address):
+        for frm, to, length in self.remaps:
+            if frm <= address < frm + length:
+                address += to - frm
+        return address
+
+    def _to_source(self, address):
+        for frm, to, length in reversed(self.remaps):
+            if to <= address < to + length:
+                address += frm - to
+        return address
+
+    def _ioctl(self, request, arg):
+        if _libc.ioctl(self.fd, ctypes.c_ulong(request), ctypes.byref(arg)) < 0:
+            return ctypes.get_errno()
+        return 0
+
+    def place(self, runs, payload):
+        """Copy the pages of a record that are still missing into the process (whole runs of them
+        at a time); pages it already has or dropped are skipped."""
+        data = bytes(payload)
+        base = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value
+        offset = 0
+        for start, length in runs:
+            page = start
+            while page < start + length:
+                if not self.pending.missing(page):
+                    page += PAGE_SIZE
+                    continue
+                end = page
+                while end < start + length and self.pending.missing(end):
+                    self.pending.take(end)
+                    end += PAGE_SIZE
+                copy = _Uffdio(dst=self._to_target(page), src=base + offset + page - start, len=end - page)
+                err = self._ioctl(UFFDIO_COPY, copy)
+                if err not in (0, 17, 2):  # EEXIST: touched meanwhile; ENOENT: unmapped meanwhile
+                    raise UmigError(f"UFFDIO_COPY at {page:#x} failed: {os.strerror(err)}")
+                page = end
+            offset += length
+
+    def events(self, fetch):
+        """Handle what the process did: faults are fetched (or zero-filled where the source had no
+        page), dropped and moved ranges noted."""
+        while True:
+            try:
+                raw = os.read(self.fd, _MSG.size * 64)
+            except BlockingIOError:
+                return
+            for i in range(0, len(raw), _MSG.size):
+                event, _, _, _, arg = _MSG.unpack_from(raw, i)
+                if event == UFFD_EVENT_PAGEFAULT:
+                    self._fault(struct.unpack_from("<QQ", arg)[1] & ~(PAGE_SIZE - 1), fetch)
+                elif event == UFFD_EVENT_REMAP:
+                    self.remaps.append(struct.unpack_from("<QQQ", arg))
+                elif event in (UFFD_EVENT_REMOVE, UFFD_EVENT_UNMAP):
+                    start, end = struct.unpack_from("<QQ", arg)
+                    for page in range(start, end, PAGE_SIZE):
+                        self.pending.take(self._to_source(page))
+
+    def _fault(self, address, fetch):
+        self.faults += 1
+        source = self._to_source(address)
+        if self.pending.missing(source):
+            if source not in self.requested:
+                self.requested.add(source)
+                fetch(source)
+            return
+        zero = _UffdioZeropage(start=address, len=PAGE_SIZE)
+        err = self._ioctl(UFFDIO_ZEROPAGE, zero)
+        if err not in (0, 17, 2):
+            raise UmigError(f"UFFDIO_ZEROPAGE at {address:#x} failed: {os.strerror(err)}")
+
+    def run(self, session, records, tracee):
+        """Serve the process until every page is in, passing its signals on meanwhile."""
+        poller = zmq.Poller()
+        poller.register(self.fd, zmq.POLLIN)
+        poller.register(session.socket, zmq.POLLIN)
+        last_heard = time.monotonic()
+        while True:
+            self.events(lambda address: session.send("fetch", address=address))
+            stop = tracee.poll_stop()
+            if stop is not None:
+                if not stop.stopped:
+                    raise UmigError(f"the process ended during post-copy ({stop})")
+                tracee.cont(stop.signo if stop.kind == "signal" else 0)
+            while session.ready():
+                last_heard = time.monotonic()
+                record = next(records)
+                if record.kind == "pages":
+                    self.place(record.meta["runs"], record.payload)
+                elif record.kind == "end":
+                    if self.pending.count:
+                        raise UmigError(f"the source ended its stream with {self.pending.count} pages missing")
+                    self.close()
+                    return
+            if time.monotonic() - last_heard > SOURCE_SILENCE:
+                raise UmigError(f"the source was lost during post-copy with {self.pending.count} pages "
+                                "still there: the process cannot go on")
+            poller.poll(50)
