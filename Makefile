@@ -8,6 +8,7 @@
 #   make demo        migrate a ticking process between two agents on this host
 #   make test        run the test suite (pytest)
 #   make bench       benchmark harness (docs/performance.md); BENCH_ARGS=--quick for a tiny run
+#   make experiment  scheduling policies on three emulated nodes (docs/scheduling.md)
 #   make clean       remove build products (keeps .venv/); distclean also removes .venv/
 
 SHELL := /bin/bash
@@ -40,7 +41,7 @@ else \
 fi
 endef
 
-.PHONY: all help install restorer system-deps demo test bench clean distclean
+.PHONY: all help install restorer system-deps demo test bench experiment clean distclean
 
 all: install
 
@@ -94,9 +95,14 @@ bench: install
 	@[ "$$(id -u)" = 0 ] || echo "==> warning: the benchmark needs root (ptrace, namespaces)" >&2
 	$(VENV_PY) benchmarks/bench.py $(BENCH_ARGS)
 
+# EXPERIMENT_ARGS=--quick for the smoke-test variant.
+EXPERIMENT_ARGS ?=
+experiment: install system-deps
+	$(VENV_PY) experiments/experiment.py $(EXPERIMENT_ARGS)
+
 clean:
 	-@[ ! -f restorer/Makefile ] || $(MAKE) --no-print-directory -C restorer clean
-	rm -rf build dist *.egg-info umig/bin .pytest_cache benchmarks/results
+	rm -rf build dist *.egg-info umig/bin .pytest_cache benchmarks/results experiments/results
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
 
 distclean: clean

@@ -34,6 +34,7 @@ class EmulatedCluster:
         self.hub = f"umig-{self.tag}-hub"
         self.ips = [f"10.{subnet[0]}.{subnet[1]}.{i + 1}" for i in range(len(self.capacities))]
         self.endpoints = [f"tcp://{ip}:{port}" for ip in self.ips]
+        self.hub_ip = f"10.{subnet[0]}.{subnet[1]}.254"  # for a driver that enters the hub namespace
         self.cgroups = {c: os.path.join(CGROUP, c, f"umig-{self.tag}") for c in ("cpu", "cpuacct")}
         self._made_ns, self._made_cg = [], []
 
@@ -45,6 +46,7 @@ class EmulatedCluster:
             _ip("netns", "add", self.hub)
             self._made_ns.append(self.hub)
             _ip("-n", self.hub, "link", "add", "br0", "type", "bridge")
+            _ip("-n", self.hub, "addr", "add", f"{self.hub_ip}/24", "dev", "br0")
             _ip("-n", self.hub, "link", "set", "br0", "up")
             for i, ns in enumerate(self.netns):
                 _ip("netns", "add", ns)
@@ -83,6 +85,29 @@ class EmulatedCluster:
     def peers_of(self, i):
         return [a for j, ep in enumerate(self.endpoints) if j != i for a in ("--peer", ep)]
 
+    def enter_hub(self):
+        """Move this thread into the hub namespace, from where every node is reachable. Call it
+        before anything starts threads (a ZeroMQ context): they keep the namespace they began in."""
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = os.open(f"/run/netns/{self.hub}", os.O_RDONLY)
+        try:
+            if libc.setns(fd, 0x40000000) != 0:  # CLONE_NEWNET
+                raise OSError(ctypes.get_errno(), "setns into the hub namespace")
+        finally:
+            os.close(fd)
+
+    def kill_all(self):
+        """End every process in the nodes' cgroups (agents, jobs, restored processes)."""
+        for _ in range(50):
+            pids = self.pids()
+            if not pids:
+                return
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.1)
+
     def pids(self):
         found = set()
         for path in self._made_cg:
@@ -93,14 +118,7 @@ class EmulatedCluster:
 
     def remove(self):
         """End everything still in the nodes and take them down."""
-        for _ in range(50):
-            pids = self.pids()
-            if not pids:
-                break
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            time.sleep(0.1)
+        self.kill_all()
         for path in reversed(self._made_cg):
             for _ in range(50):  # a killed task leaves its cgroup a moment later
                 try:

@@ -103,9 +103,14 @@ def expected_result(n):
 
 
 @pytest.fixture
-def emulated(request):
-    if os.geteuid() != 0 or not shutil.which("ip") or not os.path.isdir("/sys/fs/cgroup/cpu"):
-        pytest.skip("needs root, ip and the cgroup v1 cpu hierarchy")
+def emulated_ok():
+    if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("nsenter") \
+            or not os.path.isdir("/sys/fs/cgroup/cpu"):
+        pytest.skip("needs root, ip, nsenter and the cgroup v1 cpu hierarchy")
+
+
+@pytest.fixture
+def emulated(emulated_ok):
     cluster = EmulatedCluster([0.5, 1.0])
     try:
         cluster.create()
@@ -154,3 +159,17 @@ def test_overloaded_node_sheds_a_job_whose_output_and_status_arrive_home(emulate
         m = re.search(rf"node-b: job (node-a\.\d) runs here as pid {pid} \(CPU age ([\d.]+) s\)", b_log)
         assert m and float(m[2]) > 0, f"{pid}:\n{b_log}"
         assert re.search(rf"node-b: job {re.escape(m[1])} \(pid {pid}\) exited with status [34]", b_log), b_log
+
+
+def test_experiment_quick(emulated_ok, tmp_path):
+    """`make experiment`'s --quick variant: every policy replays the trace and every job ends
+    well, wherever it ran."""
+    r = subprocess.run([sys.executable, str(REPO / "experiments" / "experiment.py"), "--quick", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=300, env=umig_env(), cwd=tmp_path)
+    assert r.returncode == 0, f"{r.stdout}\n{r.stderr}"
+    results = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert [x["policy"] for x in results] == ["none", "threshold", "age", "memory"]
+    for x in results:
+        assert x["failed_jobs"] == 0 and len(x["jobs"]) == 8, x
+        assert x["migrations"] == 0 or x["policy"] in ("threshold", "age"), x
+    assert "| age |" in r.stdout

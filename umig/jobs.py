@@ -47,14 +47,15 @@ class Job:
         self.moved_at = moved_at        # when it last arrived somewhere (wall clock), for the guards
         self.state = "running"          # running | migrating | away | exited
         self.ended = None               # ("status", N) or ("signal", N)
-        self.ended_at = None
+        self.ended_at = None            # monotonic, on the origin: when to forget the record
+        self.finished = None            # wall clock, where it ended
         self.proc = None                # the Popen, when this agent started it
         self.exit_while_migrating = None  # its end, when it came while a migration was under way
 
     def record(self):
         return {"job": self.id, "argv": self.argv, "origin": self.origin, "stdout": self.stdout,
                 "stderr": self.stderr, "pid": self.pid, "node": self.node, "state": self.state,
-                "started": self.started, "ended": list(self.ended) if self.ended else None,
+                "started": self.started, "ended": list(self.ended) if self.ended else None, "finished": self.finished,
                 "carried_age": self.carried_age, "moved_at": self.moved_at}
 
 
@@ -192,7 +193,7 @@ class Jobs:
         job = self.jobs.get(meta.get("job"))
         if job is not None and job.state != "exited":
             job.node = meta.get("node", job.node)
-            self._finish(job, tuple(meta["ended"]))
+            self._finish(job, tuple(meta["ended"]), meta.get("finished"))
 
     # -- ends
     def _restored_ended(self, pid, ended):
@@ -209,10 +210,12 @@ class Jobs:
             self._finish(job, ended)
         else:
             job.state, job.ended = "exited", ended
-            self.outbox.send(job.origin, "job-exit", job=job.id, node=self.agent.name, ended=list(ended))
+            self.outbox.send(job.origin, "job-exit", job=job.id, node=self.agent.name, ended=list(ended),
+                             finished=time.time())
 
-    def _finish(self, job, ended):
+    def _finish(self, job, ended, finished=None):
         job.state, job.ended, job.ended_at = "exited", tuple(ended), time.monotonic()
+        job.finished = finished or time.time()
 
     def tick(self):
         now = time.monotonic()
