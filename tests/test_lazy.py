@@ -1,26 +1,14 @@
 """Post-copy ("lazy") migration: the process runs on the target at once, its memory follows on
 demand (userfaultfd) and in the background. Checked like every migration (output equal to a run
-never migrated, same layout, exit 0), with a writer that touches its pages in random order, and
+never migrated, same layout, exit 0: see test_live.py), with a writer that touches its pages in random order, and
 with failures before the process resumes and while its pages are still coming."""
 import subprocess
 import time
 
-import pytest
-
-from conftest import alive, assert_maps_equal, c_workload, migrate, read_maps, umig_cmd, umig_env, wait_until, \
-    write_input_text
+from conftest import alive, assert_maps_equal, c_workload, migrate, read_maps, umig_cmd, umig_env, wait_until
 from test_failures import (assert_target_clean, finish_and_compare, migrate_expecting_failure,  # noqa: F401
                            pair)
 from test_live import WRITER_MIB, assert_writer_exact
-from test_migrate import c_make, migrate_and_compare  # noqa: F401  (fixture)
-
-
-@pytest.mark.parametrize("name", ["memory", "registers", "signals", "sleeper", "files"])
-def test_lazy_workloads(agent, registry, c_make, name):
-    prepare = (lambda d: write_input_text(d / "input.txt")) if name == "files" else None
-    files = ("out.dat", "log.txt", "new.dat") if name == "files" else ()
-    _, _, info = migrate_and_compare(agent, registry, c_make(name), extra=("--lazy",), prepare=prepare, files=files)
-    assert info["mode"] == "lazy", f"not a post-copy migration: {info}"
 
 
 def test_lazy_writer_touching_pages_in_random_order(agent, registry, workloads, tmp_path):

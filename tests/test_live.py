@@ -1,4 +1,5 @@
-"""Live (pre-copy) migration: memory copied while the process runs, then a short freeze.
+"""Live (pre-copy) migration: memory copied while the process runs, then a short freeze; and
+the core workloads under both pre-copy and post-copy (test_lazy.py has post-copy's own tests).
 
 Checked as for stop-and-copy (output equal to a run never migrated, same memory layout, exit 0),
 plus a writer that dirties memory as fast as it can during the copy: the steps it counted and a
@@ -25,12 +26,15 @@ def assert_writer_exact(workloads, stdout, mib=WRITER_MIB):
         f"the writer's memory is not what {steps} steps make: a write was lost, stale or came wrong")
 
 
+@pytest.mark.parametrize("mode", ["live", "lazy"])
 @pytest.mark.parametrize("name", ["memory", "registers", "signals", "sleeper", "files"])
-def test_live_workloads(agent, registry, c_make, name):
+def test_workloads(agent, registry, c_make, name, mode):
+    """Every core workload, moved by pre-copy and by post-copy."""
     prepare = (lambda d: write_input_text(d / "input.txt")) if name == "files" else None
     files = ("out.dat", "log.txt", "new.dat") if name == "files" else ()
-    _, _, info = migrate_and_compare(agent, registry, c_make(name), extra=("--live",), prepare=prepare, files=files)
-    assert info["mode"] == "live" and info["rounds"], f"not a live migration: {info}"
+    _, _, info = migrate_and_compare(agent, registry, c_make(name), extra=(f"--{mode}",), prepare=prepare,
+                                     files=files)
+    assert info["mode"] == mode, f"not a {mode} migration: {info}"
 
 
 def test_live_writer_loses_no_write(agent, registry, workloads, tmp_path):

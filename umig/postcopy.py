@@ -75,6 +75,8 @@ def serve(pid, writer, connection, lazy_runs):
             return
         if kind != "fetch":
             raise UmigError(f"the agent sent {kind!r} during post-copy")
+        if not streaming:
+            continue  # every page is on its way already: the stream has ended
         wanted = memory.intersect(lazy_runs, [[meta["address"], PREFETCH_PAGES * PAGE_SIZE]])
         for batch_runs, buffer in memory.read_batches(pid, wanted):
             writer.write(image.Record("pages", {"runs": batch_runs}, buffer))
