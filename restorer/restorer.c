@@ -292,6 +292,9 @@ static void step_pages(u32 size)
 	err = receive(&r, sizeof(r));
 	if (err)
 		exit_group(1);
+	/* Fault the range in with one call: a page fault per page halves the fill rate. Best effort:
+	   kernels before 5.14 lack it, and read() faults the pages in anyway. */
+	syscall3(__NR_madvise, r.start, r.length, MADV_POPULATE_WRITE);
 	err = receive((void *)r.start, r.length);
 	if (err)
 		fail(UMIG_OP_PAGES, err, r.start);
