@@ -157,17 +157,18 @@ def write_image(writer, frozen, state, runs, after_state=None, last=None):
     writer.write(image.Record("state", state))
     if after_state:
         after_state()
-    write_pages(writer, frozen.pid, runs)
+    write_pages(writer, frozen.pid, runs, memory.fresh_spans(state["memory"]))
     if last:
         writer.write(last)
     else:
         writer.end()
 
 
-def write_pages(writer, pid, runs):
-    """Page records for runs, read in batches; returns the bytes written."""
+def write_pages(writer, pid, runs, zero_spans=()):
+    """Page records for runs, read in batches (all-zero pages in zero_spans left out); returns
+    the bytes written."""
     sent = 0
-    for batch_runs, buffer in memory.read_batches(pid, runs):
+    for batch_runs, buffer in memory.read_batches(pid, runs, zero_spans=zero_spans):
         writer.write(image.Record("pages", {"runs": batch_runs}, buffer))
         sent += len(buffer)
     return sent

@@ -291,14 +291,24 @@ def complement(runs, start, end):
     return gaps
 
 
-def read_batches(pid, runs, batch_bytes=BATCH_BYTES):
+def read_batches(pid, runs, batch_bytes=BATCH_BYTES, zero_spans=()):
     """Yield (runs, buffer) batches of about batch_bytes, read straight from /proc/PID/mem
-    (which, unlike process_vm_readv, also reads PROT_NONE and read-only pages).
+    (which, unlike process_vm_readv, also reads PROT_NONE and read-only pages). Pages that are
+    all zeros inside `zero_spans` (fresh anonymous memory on the target, where zeros are what an
+    untouched page reads) are left out.
 
     One buffer serves every batch (a fresh megabyte per batch costs page faults that halve the
     throughput): each batch must be consumed before the next is asked for."""
     mem = os.open(procfs.proc_path(pid, "mem"), os.O_RDONLY)
-    buffer = memoryview(bytearray(batch_bytes))
+    store = bytearray(batch_bytes)
+    buffer = memoryview(store)
+
+    def batch(batch_runs, filled):
+        # One scan in C finds out whether there is anything to drop at all.
+        if zero_spans and store.find(_ZERO_PAGE, 0, filled) >= 0:
+            batch_runs, filled = _without_zero_pages(buffer, batch_runs, zero_spans)
+        return batch_runs, buffer[:filled]
+
     try:
         batch_runs, filled = [], 0
         for start, length in runs:
@@ -311,12 +321,40 @@ def read_batches(pid, runs, batch_bytes=BATCH_BYTES):
                 start += take
                 length -= take
                 if filled == batch_bytes:
-                    yield batch_runs, buffer
+                    yield batch(batch_runs, filled)
                     batch_runs, filled = [], 0
         if filled:
-            yield batch_runs, buffer[:filled]
+            yield batch(batch_runs, filled)
     finally:
         os.close(mem)
+
+
+_ZERO_PAGE = bytes(PAGE_SIZE)
+
+
+def _without_zero_pages(buffer, runs, zero_spans):
+    """Compact a batch in place, dropping its all-zero pages that lie in zero_spans."""
+    kept, write, read = [], 0, 0
+    for start, length in runs:
+        for offset in range(0, length, PAGE_SIZE):
+            page, source = start + offset, read + offset
+            if buffer[source:source + PAGE_SIZE] == _ZERO_PAGE and intersect([[page, PAGE_SIZE]], zero_spans):
+                continue
+            if write != source:
+                buffer[write:write + PAGE_SIZE] = buffer[source:source + PAGE_SIZE]
+            if kept and kept[-1][0] + kept[-1][1] == page:
+                kept[-1][1] += PAGE_SIZE
+            else:
+                kept.append([page, PAGE_SIZE])
+            write += PAGE_SIZE
+        read += length
+    return kept, write
+
+
+def fresh_spans(section):
+    """Where the target maps fresh anonymous memory: an all-zero page there need not travel."""
+    return [[m["start"], m["end"] - m["start"]] for m in section["mappings"]
+            if m["kind"] in ("anon", "heap", "stack", "shared_anon")]
 
 
 # --- restore -----------------------------------------------------------------------------------------
