@@ -79,6 +79,9 @@ def run_policy(cluster, policy, trace, params, rate, out_dir):
         finals = {}
 
         def all_done():
+            dead = [cluster.names[i] for i, a in enumerate(agents) if a.poll() is not None]
+            if dead:
+                raise RuntimeError(f"agent {', '.join(dead)} died: see {out_dir}")
             for job, name, origin in submitted:
                 if name not in finals:
                     record = jobs.request(origin, "job", "job", job=name)

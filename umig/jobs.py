@@ -200,6 +200,10 @@ class Jobs:
         job = self.by_pid(pid)
         if job is None:
             self.reaped[pid] = (ended, time.monotonic())
+        elif job.state == "migrating":
+            # Most likely the frozen original, ended by a migration that succeeded: only the
+            # migration's outcome tells.
+            job.exit_while_migrating = ended
         else:
             self._ended(job, ended)
 
@@ -265,7 +269,7 @@ class Jobs:
         self.outbox.send(target, "adopt", job=job.id, argv=job.argv, origin=job.origin, stdout=job.stdout,
                          stderr=job.stderr, started=job.started, pid=target_pid, carried_age=age)
         if job.origin != self.endpoint:
-            del self.jobs[job.id]
+            self.jobs.pop(job.id, None)
 
 
 # --------------------------------------------------------------------------- umig run
