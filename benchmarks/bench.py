@@ -590,6 +590,7 @@ def plot(rows, prefix):
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         say("plots skipped: matplotlib is not installed (make install adds it)")
         return []
@@ -606,6 +607,7 @@ def plot(rows, prefix):
             ys = [by_size[x][0][key] * 1e3 for x in xs]
             ax.plot(xs, ys, marker="o", label=f"{tool} {MODE_LABELS[mode]}")
         ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
         ax.set_yscale("log")
         ax.set_xlabel("idle heap (MiB)")
         ax.set_ylabel("ms")
