@@ -526,12 +526,23 @@ def nspid(pid):
     return [int(x) for x in proc_status(pid)["NSpid"].split()]
 
 
-def leftovers(since, allowed=(), markers=()):
-    """Processes started at or after `since` that look like a restore left behind: named or
-    mapping the restorer, or mapping one of `markers` (e.g. the workload's executable) while not
-    in `allowed`. Zombies are ignored."""
+def _ancestors(p):
+    out = set()
+    with contextlib.suppress(psutil.Error):
+        for a in p.parents():
+            out.add(a.pid)
+    return out
+
+
+def leftovers(since, allowed=(), markers=(), pids=(), agents=()):
+    """Processes started at or after `since` that look like a restore left behind: a restorer
+    (by name or mapping) working for one of `pids` or below one of `agents` (other tests' or
+    other users' restorers are none of our business), or anything mapping one of `markers`
+    (e.g. the workload's executable) that is not in `allowed`. Zombies are ignored."""
+    pids = {str(p) for p in pids}
+    agents = set(agents)
     found = []
-    for p in psutil.process_iter(["pid", "name", "create_time", "status"]):
+    for p in psutil.process_iter(["pid", "name", "create_time", "status", "cmdline"]):
         info = p.info
         if info["pid"] in allowed or info["status"] == psutil.STATUS_ZOMBIE:
             continue
@@ -541,7 +552,9 @@ def leftovers(since, allowed=(), markers=()):
             maps = read_maps(info["pid"])
         except (FileNotFoundError, ProcessLookupError, PermissionError):
             continue
-        if info["name"] == RESTORER_NAME or RESTORER_NAME in maps or any(str(m) in maps for m in markers):
+        restorer = info["name"] == RESTORER_NAME or RESTORER_NAME in maps
+        ours = (not pids and not agents) or (info["cmdline"] or [""])[-1] in pids or _ancestors(p) & agents
+        if (restorer and ours) or any(str(m) in maps for m in markers):
             try:
                 extra = f"state {proc_state(info['pid'])}, parent {p.ppid()}, {' '.join(p.cmdline())[:100]!r}"
             except psutil.Error:
@@ -550,15 +563,16 @@ def leftovers(since, allowed=(), markers=()):
     return found
 
 
-def assert_no_leftovers(since, allowed=(), markers=(), timeout=10):
+def assert_no_leftovers(since, allowed=(), markers=(), pids=(), agents=(), timeout=10):
     """Give the target some seconds to clean up, then insist nothing of a restore remains."""
     deadline = time.monotonic() + timeout
     while True:
-        found = leftovers(since, allowed, markers)
+        found = leftovers(since, allowed, markers, pids, agents)
         if not found:
             return
         if time.monotonic() > deadline:
-            pytest.fail(f"left behind on the target: {', '.join(found)}")
+            pytest.fail(f"left behind on the target: {', '.join(found)}"
+                        + (f" (agents: {', '.join(map(str, agents))})" if agents else ""))
         time.sleep(0.1)
 
 

@@ -49,7 +49,7 @@ def image(workloads, tmp_path_factory):
     assert alive(tpid), "the process restored from the undamaged image is not running"
     os.kill(tpid, signal.SIGKILL)
     wait_gone(tpid, 30, "process restored from the undamaged image")
-    return {"path": path, "bytes": path.read_bytes(), "exe": str(wl.argv[0])}
+    return {"path": path, "bytes": path.read_bytes(), "exe": str(wl.argv[0]), "pid": wl.pid}
 
 
 def frames(data):
@@ -101,7 +101,7 @@ POSITIONS = ["magic", "magic-last", "header-length", "header-digest", "header-bo
 DAMAGE = re.compile(r"damaged|checksum|not a umig image|ends early|truncated|corrupt", re.I)
 
 
-def assert_refused(path, what, *, must_contain=(), since=None, exe=None, damage=True):
+def assert_refused(path, what, *, must_contain=(), since=None, exe=None, source_pid=None, damage=True):
     """`umig show` and `umig restore` both refuse; with damage=True the message says why in
     words a user understands (damaged, checksum, not an image...)."""
     for command in (("show", path), ("restore", path, "--json")):
@@ -111,7 +111,7 @@ def assert_refused(path, what, *, must_contain=(), since=None, exe=None, damage=
                                                   f"the image is damaged: {line}"
         assert r.stdout.strip() == "" or command[0] == "show", f"umig restore printed {r.stdout!r}"
     if since is not None:
-        assert_no_leftovers(since, markers=[exe] if exe else ())
+        assert_no_leftovers(since, markers=[exe] if exe else (), pids=[source_pid] if source_pid else ())
 
 
 @pytest.mark.parametrize("where", POSITIONS)
@@ -124,7 +124,7 @@ def test_bit_flip_refused(image, tmp_path, where):
     bad = tmp_path / f"flip-{where}.img"
     bad.write_bytes(bytes(data))
     assert_refused(bad, f"an image with a bit flipped at {where} (offset {offset})", since=time.time() - 0.5,
-                   exe=image["exe"])
+                   exe=image["exe"], source_pid=image["pid"])
 
 
 @pytest.mark.parametrize("cut", ["empty", "magic-only", "half-header", "after-state", "mid-pages", "no-end",
@@ -137,7 +137,8 @@ def test_truncated_refused(image, tmp_path, cut):
               "no-end": fr[-1][0], "one-byte-short": len(data) - 1}[cut]
     bad = tmp_path / f"cut-{cut}.img"
     bad.write_bytes(data[:length])
-    assert_refused(bad, f"an image cut at {cut} ({length} bytes)", since=time.time() - 0.5, exe=image["exe"])
+    assert_refused(bad, f"an image cut at {cut} ({length} bytes)", since=time.time() - 0.5, exe=image["exe"],
+                   source_pid=image["pid"])
 
 
 def test_not_an_image_refused(tmp_path):
@@ -168,7 +169,7 @@ def test_unknown_version_refused(image, tmp_path):
     future = tmp_path / "future.img"
     future.write_bytes(rewrite_header(image["bytes"], version=99))
     assert_refused(future, "a version 99 image", must_contain=("version", "99"), since=time.time() - 0.5,
-                   exe=image["exe"], damage=False)
+                   exe=image["exe"], source_pid=image["pid"], damage=False)
     # the rewrite itself is sound: rewritten with nothing changed, the image is accepted
     same = tmp_path / "same.img"
     same.write_bytes(rewrite_header(image["bytes"]))

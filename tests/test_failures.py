@@ -44,9 +44,11 @@ def finish_and_compare(src, ref, files=()):
     assert_same_output(src, ref, files)
 
 
-def assert_target_clean(agent, since, registry, markers):
-    """No restorer, no half-restored twin anywhere; the agent alive and without children."""
-    assert_no_leftovers(since, allowed=registry.pids(), markers=markers)
+def assert_target_clean(agent, since, registry, markers=(), source_pid=None):
+    """No restorer working for the source or below the agent, no half-restored twin anywhere;
+    the agent, if alive, without children."""
+    assert_no_leftovers(since, allowed=registry.pids(), markers=markers,
+                        pids=[source_pid] if source_pid else (), agents=[agent.proc.pid])
     if agent.alive():
         deadline = time.monotonic() + 10
         while agent.children() and time.monotonic() < deadline:
@@ -81,7 +83,7 @@ def test_agent_killed_mid_transfer(pair, agent_factory, registry):
     line = assert_clean_failure(subprocess.CompletedProcess(client.args, client.returncode, out, err),
                                 what="umig migrate")
     assert not any("restored as" in ln for ln in victim.lines), f"the agent finished before it was killed: {line}"
-    assert_target_clean(victim, since, registry, markers=[src.argv[0]])
+    assert_target_clean(victim, since, registry, markers=[src.argv[0]], source_pid=src.pid)
     finish_and_compare(src, ref)
 
 
@@ -101,7 +103,7 @@ def test_client_killed_mid_transfer(pair, agent_factory, registry):
         client.wait(30)
     # the agent notices the silent source (however long its session timeout) and cleans up
     target.wait_for_line(rf"^survivor: pid {src.pid} failed: ", 90, mark)
-    assert_target_clean(target, since, registry, markers=[src.argv[0]])
+    assert_target_clean(target, since, registry, markers=[src.argv[0]], source_pid=src.pid)
     target.assert_alive()
     finish_and_compare(src, ref)
 
@@ -119,7 +121,7 @@ def test_restorer_step_fails_rlimit(pair, agent_factory, registry):
     assert "rlimit" in line.lower(), f"the error should name the failing step (rlimit): {line}"
     low.wait_for_line(rf"^low-limits: pid {src.pid} failed: .*rlimit", 30, mark)
     low.assert_alive()
-    assert_target_clean(low, since, registry, markers=[src.argv[0]])
+    assert_target_clean(low, since, registry, markers=[src.argv[0]], source_pid=src.pid)
     finish_and_compare(src, ref)
 
 
@@ -137,7 +139,7 @@ def test_missing_file_on_target(pair, agent_factory, registry, tmp_path):
     line = migrate_expecting_failure(src.pid, agent.target())
     assert hide + "/" in line, f"the error should name the missing file under {hide}: {line}"
     agent.assert_alive()
-    assert_target_clean(agent, since, registry, markers=[src.argv[0]])
+    assert_target_clean(agent, since, registry, markers=[src.argv[0]], source_pid=src.pid)
     finish_and_compare(src, ref, files=("out.dat", "log.txt"))
 
 
@@ -155,7 +157,7 @@ def test_executable_differs_on_target(pair, agent_factory, registry, workloads):
     line = migrate_expecting_failure(src.pid, agent.target())
     assert exe in line, f"the refusal should name the executable {exe}: {line}"
     agent.assert_alive()
-    assert_target_clean(agent, since, registry, markers=[exe])
+    assert_target_clean(agent, since, registry, markers=[exe], source_pid=src.pid)
     finish_and_compare(src, ref)
 
 

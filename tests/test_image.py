@@ -154,7 +154,7 @@ def test_restore_refuses_changed_executable(workloads, registry, tmp_path):
     since = time.time()
     line = assert_clean_failure(run_umig("restore", img), what="umig restore with another executable")
     assert str(exe) in line, f"the refusal should name {exe}: {line}"
-    assert_no_leftovers(since, markers=[str(exe)])
+    assert_no_leftovers(since, markers=[str(exe)], pids=[wl.pid])
 
     os.replace(exe_dir / "memory.orig", exe)
     info = restore(img)
@@ -182,7 +182,7 @@ def test_restore_refuses_changed_mapped_file(workloads, registry, tmp_path):
     since = time.time()
     line = assert_clean_failure(run_umig("restore", img), what="umig restore with a changed mapped file")
     assert str(ro) in line, f"the refusal should name {ro}: {line}"
-    assert_no_leftovers(since, markers=[str(wl.argv[0])])
+    assert_no_leftovers(since, markers=[str(wl.argv[0])], pids=[wl.pid])
 
     ro.write_bytes(original)
     os.utime(ro, ns=(st.st_atime_ns, st.st_mtime_ns))
