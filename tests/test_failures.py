@@ -3,10 +3,12 @@ it was (its final output equals a run that was never migrated), report one clear
 nothing behind on the target."""
 import json
 import os
+import re
 import socket
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -17,14 +19,19 @@ from conftest import (REPO, assert_clean_failure, assert_maps_equal, assert_no_l
 
 @pytest.fixture
 def pair(workloads, registry, tmp_path):
-    """pair(name, *extra, prepare=None, prefix=()) -> (reference Workload, started source Workload).
-    Both start together; the reference is triggered at once and run to the end."""
-    def make(name, *extra, prepare=None, prefix=()):
+    """pair(name, *extra, prepare=None, prefix=(), data=None) -> (reference Workload, started source
+    Workload). Both start together; the reference is triggered at once and run to the end. With
+    data="NAME" the workload's DIR argument is the subdirectory NAME (stdout and the trigger stay
+    one level up); prepare(DIR) fills it."""
+    def make(name, *extra, prepare=None, prefix=(), data=None):
         ref = c_workload(workloads, name, tmp_path / "ref", *extra, registry=registry, prefix=prefix)
         src = c_workload(workloads, name, tmp_path / "src", *extra, registry=registry, prefix=prefix)
         for w in (ref, src):
+            if data:
+                w.argv[2] = str(w.dir / data)
+                (w.dir / data).mkdir()
             if prepare:
-                prepare(w.dir)
+                prepare(Path(w.argv[2]))
         src.start()
         reference_run(ref)
         src.wait_ready()
@@ -127,20 +134,21 @@ def test_restorer_step_fails_rlimit(pair, agent_factory, registry):
 
 # --------------------------------------------------------------------------- (c) a file is missing there
 
-def test_missing_file_on_target(pair, agent_factory, registry, tmp_path):
+def test_missing_file_on_target(pair, agent_factory, registry):
     """The target agent's mount namespace has an empty tmpfs over the directory of the files the
-    source has open: the restore fails naming the file."""
-    ref, src = pair("files", prepare=lambda d: write_input_text(d / "input.txt"))
-    hide = str(src.dir)
+    source has open (input.txt, out.dat, log.txt): the restore fails naming one of them."""
+    ref, src = pair("files", prepare=lambda d: write_input_text(d / "input.txt"), data="data")
+    hide = src.argv[2]
     agent = agent_factory("no-files", prefix=["unshare", "-m", "--propagation", "private", "--", "sh", "-c",
                                               'mount -t tmpfs umig-test "$0" && exec "$@"', hide])
     assert os.listdir(f"/proc/{agent.proc.pid}/root{hide}") == [], "the tmpfs does not hide the directory"
     since = time.time()
     line = migrate_expecting_failure(src.pid, agent.target())
-    assert hide + "/" in line, f"the error should name the missing file under {hide}: {line}"
+    assert re.search(re.escape(hide) + r"/(input\.txt|out\.dat|log\.txt)\b", line), (
+        f"the error should name the missing file under {hide}: {line}")
     agent.assert_alive()
     assert_target_clean(agent, since, registry, markers=[src.argv[0]], source_pid=src.pid)
-    finish_and_compare(src, ref, files=("out.dat", "log.txt"))
+    finish_and_compare(src, ref, files=("data/out.dat", "data/log.txt"))
 
 
 # --------------------------------------------------------------------------- (d) a different executable
