@@ -114,6 +114,8 @@ setup(
         "psutil",
         "msgpack",
         "pyzmq",
+        "lz4",
+        "zstandard",
         "xxhash",
     ],
     extras_require={

@@ -1,12 +1,10 @@
 """The node daemon: receives migrations on a ZeroMQ ROUTER socket, restores them, reaps what it
 restored, and logs one line per event. One migration at a time; others are told it is busy."""
-import ipaddress
 import os
 import signal
 import sys
 import time
 import traceback
-import urllib.parse
 
 import zmq
 
@@ -14,20 +12,10 @@ from umig import image
 from umig.errors import UmigError
 from umig.restore import restore
 from umig.state.signals import signal_name
-from umig.transport import Session, control, parse_control
+from umig.transport import Session, control, is_loopback, parse_control
 
 DEFAULT_LISTEN = "tcp://127.0.0.1:7707"
 SESSION_TIMEOUT = 30.0
-
-
-def _is_loopback(listen):
-    host = urllib.parse.urlsplit(listen).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class Agent:
@@ -52,7 +40,7 @@ class Agent:
         print(f"{self.name}: {line}", file=self.out, flush=True)
 
     def serve(self):
-        if not _is_loopback(self.listen):
+        if not is_loopback(self.listen):
             print(f"umig agent: warning: listening on {self.listen}, which is not loopback, without "
                   "authentication: anyone who reaches it can start processes here", file=sys.stderr, flush=True)
         print(f"umig agent {self.name} listening on {self.listen}", file=self.out, flush=True)

@@ -70,8 +70,8 @@ def cmd_top(args):
 
 def cmd_migrate(args):
     from umig.migrate import migrate
-    _report(migrate(args.pid, args.target, args.pid_mode, args.timeout, live=args.live, lazy=args.lazy),
-            args.json, "migrated")
+    _report(migrate(args.pid, args.target, args.pid_mode, args.timeout, live=args.live, lazy=args.lazy,
+                    codec=args.compress), args.json, "migrated")
 
 
 def cmd_dump(args):
@@ -196,6 +196,8 @@ def parser():
     m.add_argument("target", help="HOST, HOST:PORT or tcp://HOST:PORT of the target agent")
     m.add_argument("--json", action="store_true", help="print one JSON object")
     m.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the agent (default: %(default)s)")
+    m.add_argument("--compress", choices=("lz4", "zstd", "none"),
+                   help="compress page batches on the wire (default: none on loopback, lz4 elsewhere)")
     mode = m.add_mutually_exclusive_group()
     mode.add_argument("--live", action="store_true",
                    help="pre-copy: copy memory while the process runs, then freeze it only for the rest")

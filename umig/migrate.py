@@ -11,10 +11,15 @@ import time
 
 from umig import dump, image, postcopy, precopy
 from umig.errors import UmigError
-from umig.transport import Connection
+from umig.transport import Connection, is_loopback
 
 
-def migrate(pid, target, requested_pid_mode="keep", timeout=60.0, live=False, lazy=False):
+def default_codec(endpoint):
+    """No compression on loopback, where copying is cheaper than compressing; lz4 elsewhere."""
+    return "none" if is_loopback(endpoint) else "lz4"
+
+
+def migrate(pid, target, requested_pid_mode="keep", timeout=60.0, live=False, lazy=False, codec=None):
     started = time.monotonic()
     dump.refuse_blocked(pid)
     connection = Connection(target, timeout)
@@ -25,7 +30,7 @@ def migrate(pid, target, requested_pid_mode="keep", timeout=60.0, live=False, la
         frozen = dump.freeze(pid)
         frozen_at = time.monotonic()
         state, runs = dump.collect(frozen)
-        writer = image.ImageWriter(connection.send_record)
+        writer = image.ImageWriter(connection.send_record, codec or default_codec(connection.endpoint))
         if live:
             frozen_at, first_freeze, rounds = _precopy(frozen, state, runs, writer, connection, frozen_at)
         elif lazy:
@@ -54,6 +59,7 @@ def migrate(pid, target, requested_pid_mode="keep", timeout=60.0, live=False, la
         connection.close()
     result = {"source_pid": pid, "target": connection.endpoint, "target_name": welcome.get("name"),
               "target_pid": running["target_pid"], "pages": writer.pages, "bytes": writer.bytes,
+              "wire_bytes": writer.wire_bytes,
               "total_s": round(time.monotonic() - started, 6), "frozen_s": round(resumed_at - frozen_at, 6)}
     if lazy:
         result.update(mode="lazy", postcopy_s=round(time.monotonic() - resumed_at, 6))

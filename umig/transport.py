@@ -17,7 +17,9 @@ messages carry one msgpack frame after it, image records carry their own frames 
 A lost connection is seen at once through the socket monitor, so a dead agent costs no timeout.
 """
 import collections
+import ipaddress
 import time
+import urllib.parse
 
 import msgpack
 import zmq
@@ -39,6 +41,17 @@ def endpoint(target):
     else:
         host, port = target, ""
     return f"tcp://{host}:{port or DEFAULT_PORT}"
+
+
+def is_loopback(endpoint):
+    """Whether a tcp:// endpoint is on this host's loopback."""
+    host = urllib.parse.urlsplit(endpoint).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def control(kind, **meta):
