@@ -37,13 +37,15 @@ def test_workloads(agent, registry, c_make, name, mode):
     assert info["mode"] == mode, f"not a {mode} migration: {info}"
 
 
-def test_live_writer_loses_no_write(agent, registry, workloads, tmp_path):
+@pytest.mark.parametrize("tracking", ["userfaultfd", "hashes"])
+def test_live_writer_loses_no_write(agent, registry, workloads, tmp_path, tracking):
     wl = c_workload(workloads, "live_writer", tmp_path / "mig", WRITER_MIB, registry=registry)
     wl.start().wait_ready()
     maps_before = read_maps(wl.pid)
     since = agent.mark()
-    info = migrate(wl.pid, agent.target(), "--live")
+    info = migrate(wl.pid, agent.target(), "--live", "--tracking", tracking)
     registry.remember(info["target_pid"])
+    assert info["tracking"] == {"userfaultfd": "userfaultfd", "hashes": "page hashes"}[tracking], info
     assert len(info["rounds"]) >= 2, f"the writer should have needed more than one round: {info}"
     assert_maps_equal(maps_before, read_maps(info["target_pid"]))
     assert not any("userfaultfd" in os.readlink(f"/proc/{info['target_pid']}/fd/{fd}")

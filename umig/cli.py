@@ -71,7 +71,8 @@ def cmd_top(args):
 def cmd_migrate(args):
     from umig.migrate import migrate
     _report(migrate(args.pid, args.target, args.pid_mode, args.timeout, live=args.live, lazy=args.lazy,
-                    codec=args.compress), args.json, "migrated")
+                    codec=args.compress, tracking=args.tracking,
+                    notice=lambda line: print(f"umig: note: {line}", file=sys.stderr)), args.json, "migrated")
 
 
 def cmd_dump(args):
@@ -198,6 +199,9 @@ def parser():
     m.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the agent (default: %(default)s)")
     m.add_argument("--compress", choices=("lz4", "zstd", "none"),
                    help="compress page batches on the wire (default: none on loopback, lz4 elsewhere)")
+    m.add_argument("--tracking", choices=("userfaultfd", "hashes"), default="userfaultfd",
+                   help="how --live finds pages written meanwhile: userfaultfd write-protect (falls back "
+                        "to hashes where the kernel lacks it) or page hashes (default: %(default)s)")
     mode = m.add_mutually_exclusive_group()
     mode.add_argument("--live", action="store_true",
                    help="pre-copy: copy memory while the process runs, then freeze it only for the rest")

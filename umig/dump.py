@@ -164,12 +164,14 @@ def write_image(writer, frozen, state, runs, after_state=None, last=None):
         writer.end()
 
 
-def write_pages(writer, pid, runs, zero_spans=()):
-    """Page records for runs, read in batches (all-zero pages in zero_spans left out); returns
-    the bytes written."""
+def write_pages(writer, pid, runs, zero_spans=(), observe=None):
+    """Page records for runs, read in batches (all-zero pages in zero_spans left out; observe, if
+    given, sees each batch as sent); returns the bytes written."""
     sent = 0
     for batch_runs, buffer in memory.read_batches(pid, runs, zero_spans=zero_spans):
         writer.write(image.Record("pages", {"runs": batch_runs}, buffer))
+        if observe:
+            observe(batch_runs, buffer)
         sent += len(buffer)
     return sent
 

@@ -19,7 +19,8 @@ def default_codec(endpoint):
     return "none" if is_loopback(endpoint) else "lz4"
 
 
-def migrate(pid, target, requested_pid_mode="keep", timeout=60.0, live=False, lazy=False, codec=None):
+def migrate(pid, target, requested_pid_mode="keep", timeout=60.0, live=False, lazy=False, codec=None,
+            tracking="userfaultfd", notice=lambda line: None):
     started = time.monotonic()
     dump.refuse_blocked(pid)
     connection = Connection(target, timeout)
@@ -32,7 +33,7 @@ def migrate(pid, target, requested_pid_mode="keep", timeout=60.0, live=False, la
         state, runs = dump.collect(frozen)
         writer = image.ImageWriter(connection.send_record, codec or default_codec(connection.endpoint))
         if live:
-            frozen_at, first_freeze, rounds = _precopy(frozen, state, runs, writer, connection, frozen_at)
+            frozen_at, extra = _precopy(frozen, state, runs, writer, connection, frozen_at, tracking, notice)
         elif lazy:
             lazy_runs = _postcopy_start(frozen, state, runs, writer, connection)
         else:
@@ -65,8 +66,7 @@ def migrate(pid, target, requested_pid_mode="keep", timeout=60.0, live=False, la
         result.update(mode="lazy", postcopy_s=round(time.monotonic() - resumed_at, 6))
     if live:
         # The process was also held while its first state was taken and the tracker armed.
-        result.update(mode="live", first_freeze_s=round(first_freeze, 6), rounds=rounds,
-                      frozen_s=round(max(resumed_at - frozen_at, first_freeze), 6))
+        result.update(extra, mode="live", frozen_s=round(max(resumed_at - frozen_at, extra["first_freeze_s"]), 6))
     return result
 
 
@@ -80,17 +80,18 @@ def _postcopy_start(frozen, state, runs, writer, connection):
     return lazy_runs
 
 
-def _precopy(frozen, state, runs, writer, connection, frozen_at):
+def _precopy(frozen, state, runs, writer, connection, frozen_at, tracking, notice):
     """The live path: first state, memory copied while the process runs, then the final state
-    and what changed. Returns (when the last freeze began, how long the first lasted, rounds)."""
+    and what changed. Returns when the last freeze began, and the figures of the pre-copy."""
     writer.write(image.header(state["pid"]))
     writer.write(image.Record("state", dict(state, mode="live")))
-    frozen.tracker = precopy.WriteTracker(frozen, state["memory"])
+    frozen.tracker = precopy.tracker(frozen, state["memory"], tracking, notice)
     frozen.run()
     first_freeze = time.monotonic() - frozen_at
     connection.expect("accepted", "checking the image")
-    written, rounds = precopy.copy_rounds(frozen, frozen.tracker, runs,
-                                   lambda pid, round_runs: dump.write_pages(writer, pid, round_runs))
+    written, rounds = precopy.copy_rounds(
+        frozen, frozen.tracker, runs,
+        lambda pid, round_runs: dump.write_pages(writer, pid, round_runs, observe=frozen.tracker.sent))
     final_frozen_at = time.monotonic()
     tracker, frozen.tracker = frozen.tracker, None
     tracker.disarm()
@@ -99,4 +100,4 @@ def _precopy(frozen, state, runs, writer, connection, frozen_at):
     writer.write(image.Record("state", dict(final, discard=discard)))
     dump.write_pages(writer, frozen.pid, send)
     writer.end()
-    return final_frozen_at, first_freeze, rounds
+    return final_frozen_at, {"first_freeze_s": round(first_freeze, 6), "rounds": rounds, "tracking": tracker.method}

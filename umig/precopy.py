@@ -18,6 +18,8 @@ import os
 import struct
 import time
 
+import xxhash
+
 from umig import procfs
 from umig.errors import UmigError
 from umig.state import memory
@@ -38,8 +40,20 @@ FINAL_COPY_BUDGET = 0.005  # seconds the last, frozen copy may take at the measu
 SHRINK_FACTOR = 0.9        # a round must leave less than this share of the previous one's pages
 
 
+def tracker(frozen, section, method, notice):
+    """The write tracker for `method` ("userfaultfd", falling back to page hashes where the kernel
+    lacks async write-protect and saying so through `notice`, or "hashes")."""
+    if method == "userfaultfd":
+        try:
+            return WriteTracker(frozen, section)
+        except UmigError as e:
+            notice(f"{e}; comparing page hashes instead")
+    return HashTracker(frozen, section)
+
+
 class WriteTracker:
     """A userfaultfd in async write-protect mode inside the process, and the scans that read it."""
+    method = "userfaultfd"
 
     def __init__(self, frozen, section):
         """Arm it: the process must be stopped (injected syscalls)."""
@@ -54,15 +68,19 @@ class WriteTracker:
                 frozen.syscall_checked("close", SYS_CLOSE, fd)
                 fd = high
             self.fd = fd
-            frozen.tracee.write_memory(frozen.scratch, struct.pack(
-                "<QQQ", UFFD_API, UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED, 0))
-            self._ioctl("UFFDIO_API (write-protect, async)", UFFDIO_API)
-            for m in section["mappings"]:
-                if m["kind"] in TRACKED_KINDS:
-                    frozen.tracee.write_memory(frozen.scratch, struct.pack(
-                        "<QQQQ", m["start"], m["end"] - m["start"], UFFDIO_REGISTER_MODE_WP, 0))
-                    self._ioctl(f"UFFDIO_REGISTER of mapping {m['start']:x}-{m['end']:x}", UFFDIO_REGISTER)
-                    self.tracked.append(m)
+            try:
+                frozen.tracee.write_memory(frozen.scratch, struct.pack(
+                    "<QQQ", UFFD_API, UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED, 0))
+                self._ioctl("UFFDIO_API (write-protect, async)", UFFDIO_API)
+                for m in section["mappings"]:
+                    if m["kind"] in TRACKED_KINDS:
+                        frozen.tracee.write_memory(frozen.scratch, struct.pack(
+                            "<QQQQ", m["start"], m["end"] - m["start"], UFFDIO_REGISTER_MODE_WP, 0))
+                        self._ioctl(f"UFFDIO_REGISTER of mapping {m['start']:x}-{m['end']:x}", UFFDIO_REGISTER)
+                        self.tracked.append(m)
+            except UmigError:
+                frozen.syscall_checked("close of the userfaultfd", SYS_CLOSE, fd)
+                raise
         self._pagemap = os.open(procfs.proc_path(frozen.pid, "pagemap"), os.O_RDONLY)
         self.written()  # write-protects everything: from here on, writes are what it reports
 
@@ -89,11 +107,57 @@ class WriteTracker:
                 start = arg.walk_end
         return runs
 
+    def sent(self, runs, buffer):
+        """Nothing to note: the kernel keeps the record."""
+
     def disarm(self):
         """Close the userfaultfd inside the (stopped) process: its mappings are unregistered."""
         os.close(self._pagemap)
         with self.frozen.inside():
             self.frozen.syscall_checked("close of the userfaultfd", SYS_CLOSE, self.fd)
+
+
+class HashTracker:
+    """Without userfaultfd write-protect: a hash of every page as it was sent, and each round
+    re-reads every present page to find those whose hash changed (it costs a read of all memory
+    per round, and nothing inside the process)."""
+    method = "page hashes"
+
+    def __init__(self, frozen, section):
+        self.pid = frozen.pid
+        self.tracked = [m for m in section["mappings"] if m["kind"] in TRACKED_KINDS]
+        self.hashes = {}
+
+    def sent(self, runs, buffer):
+        view, offset = memoryview(buffer), 0
+        for start, length in runs:
+            for page in range(0, length, procfs.PAGE_SIZE):
+                self.hashes[start + page] = xxhash.xxh3_64_intdigest(view[offset + page:offset + page + procfs.PAGE_SIZE])
+            offset += length
+
+    def written(self):
+        present = memory.present_runs(self.pid, self.tracked)
+        changed = []
+        for runs, buffer in memory.read_batches(self.pid, present):
+            view, offset = memoryview(buffer), 0
+            for start, length in runs:
+                for page in range(start, start + length, procfs.PAGE_SIZE):
+                    at = offset + page - start
+                    if self.hashes.get(page) != xxhash.xxh3_64_intdigest(view[at:at + procfs.PAGE_SIZE]):
+                        _extend(changed, page)
+                offset += length
+        return changed
+
+    def disarm(self):
+        """Nothing was put inside the process."""
+
+
+def _extend(runs, page):
+    """Append one page to sorted runs, joining the last run when it touches it."""
+    if runs and runs[-1][0] + runs[-1][1] == page:
+        runs[-1][1] += procfs.PAGE_SIZE
+    else:
+        runs.append([page, procfs.PAGE_SIZE])
 
 
 def _send_runs(write_pages, pid, runs):

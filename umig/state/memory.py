@@ -221,6 +221,15 @@ def _runs_to_carry(pid, pagemap_fd, mapping):
     return runs
 
 
+def present_runs(pid, mappings):
+    """The runs of these mappings' pages that would travel now."""
+    pagemap_fd = os.open(procfs.proc_path(pid, "pagemap"), os.O_RDONLY)
+    try:
+        return [run for m in mappings for run in _runs_to_carry(pid, pagemap_fd, m)]
+    finally:
+        os.close(pagemap_fd)
+
+
 def dump(pid):
     """The memory section of the image, and the page runs to read (in address order)."""
     mappings, files, runs = [], {}, []
