@@ -224,14 +224,18 @@ class Pager:
         poller.register(self.fd, zmq.POLLIN)
         poller.register(session.socket, zmq.POLLIN)
         last_heard = time.monotonic()
+        fetch = lambda address: session.send("fetch", address=address)  # noqa: E731
         while True:
-            self.events(lambda address: session.send("fetch", address=address))
+            self.events(fetch)
             stop = tracee.poll_stop()
             if stop is not None:
                 if not stop.stopped:
                     raise UmigError(f"the process ended during post-copy ({stop})")
                 tracee.cont(stop.signo if stop.kind == "signal" else 0)
             while session.ready():
+                # Faults first, between every record: a process waiting on one page must not wait
+                # for the whole background stream that is queued before its answer.
+                self.events(fetch)
                 last_heard = time.monotonic()
                 record = next(records)
                 if record.kind == "pages":

@@ -8,6 +8,8 @@ the agent through ptrace at the very end, so that no pending signal reaches the 
 import signal
 import struct
 
+from umig import procfs
+
 SYS_RT_SIGACTION, SYS_SIGALTSTACK = 13, 131
 SIGKILL, SIGSTOP = 9, 19
 SS_ONSTACK, SS_DISABLE = 1, 2
@@ -29,9 +31,14 @@ def mask_names(mask):
 
 def dump(frozen):
     """frozen: the dump context (remote syscalls, scratch memory, tracee)."""
+    # Each remote rt_sigaction costs two ptrace round trips: ask only of signals that /proc says
+    # are caught or ignored (a default action's flags mean nothing), and of SIGCHLD, whose
+    # SA_NOCLDSTOP/SA_NOCLDWAIT matter even at its default.
+    status = procfs.status(frozen.pid)
+    not_default = int(status["SigCgt"], 16) | int(status["SigIgn"], 16) | 1 << (signal.SIGCHLD - 1)
     actions = []
     for signo in range(1, 65):
-        if signo in (SIGKILL, SIGSTOP):
+        if signo in (SIGKILL, SIGSTOP) or not not_default & 1 << (signo - 1):
             continue
         frozen.syscall_checked("rt_sigaction", SYS_RT_SIGACTION, signo, 0, frozen.scratch, 8)
         handler, flags, restorer, mask = _SIGACTION.unpack(frozen.read(frozen.scratch, _SIGACTION.size))
