@@ -70,7 +70,7 @@ class WriteTracker:
             self.fd = fd
             try:
                 frozen.tracee.write_memory(frozen.scratch, struct.pack(
-                    "<QQQ", UFFD_API, UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED, 0))
+                    "<QQQ", UFFD_API, UFFD_FEATURE_WP_ASYNC, 0))
                 self._ioctl("UFFDIO_API (write-protect, async)", UFFDIO_API)
                 for m in section["mappings"]:
                     if m["kind"] in TRACKED_KINDS:
@@ -99,7 +99,11 @@ class WriteTracker:
             while start < m["end"]:
                 arg = memory._ScanArg(size=ctypes.sizeof(memory._ScanArg), flags=PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
                                       start=start, end=m["end"], vec=ctypes.addressof(vec), vec_len=len(vec),
-                                      category_mask=PAGE_IS_WRITTEN, return_mask=PAGE_IS_WRITTEN)
+                                      # Only pages that exist: protecting holes would fill the
+                                      # page tables of a sparse mapping with markers.
+                                      category_mask=PAGE_IS_WRITTEN,
+                                      category_anyof_mask=memory.PAGE_IS_PRESENT | memory.PAGE_IS_SWAPPED,
+                                      return_mask=PAGE_IS_WRITTEN)
                 n = memory._libc.ioctl(self._pagemap, ctypes.c_ulong(memory._PAGEMAP_SCAN), ctypes.byref(arg))
                 if n < 0:
                     raise UmigError(f"PAGEMAP_SCAN of pid {self.frozen.pid} failed: {os.strerror(ctypes.get_errno())}")
