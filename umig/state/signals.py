@@ -10,10 +10,9 @@ import struct
 
 from umig import procfs
 
-SYS_RT_SIGACTION, SYS_SIGALTSTACK = 13, 131
+SYS_SIGALTSTACK = 131
 SIGKILL, SIGSTOP = 9, 19
 SS_ONSTACK, SS_DISABLE = 1, 2
-_SIGACTION = struct.Struct("<QQQQ")      # handler, flags, restorer, mask (the kernel's layout)
 _STACK = struct.Struct("<QiiQ")          # ss_sp, ss_flags, padding, ss_size
 SIG_DFL, SIG_IGN = 0, 1
 
@@ -40,8 +39,7 @@ def dump(frozen):
     for signo in range(1, 65):
         if signo in (SIGKILL, SIGSTOP) or not not_default & 1 << (signo - 1):
             continue
-        frozen.syscall_checked("rt_sigaction", SYS_RT_SIGACTION, signo, 0, frozen.scratch, 8)
-        handler, flags, restorer, mask = _SIGACTION.unpack(frozen.read(frozen.scratch, _SIGACTION.size))
+        handler, flags, restorer, mask = frozen.session.get_sigaction(signo)
         if handler != SIG_DFL or flags or mask:
             actions.append([signo, handler, flags, restorer, mask])
     frozen.syscall_checked("sigaltstack", SYS_SIGALTSTACK, 0, frozen.scratch)
