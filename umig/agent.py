@@ -25,6 +25,8 @@ class Agent:
         self.out = out
         self.socket = zmq.Context.instance().socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
+        # Sending to a peer that has gone fails at once: how a migration notices its source died.
+        self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.socket.setsockopt(zmq.RCVHWM, 16)
         try:
             self.socket.bind(listen)
@@ -52,7 +54,11 @@ class Agent:
                 tick()
 
     def reply(self, identity, kind, **meta):
-        self.socket.send_multipart([identity] + control(kind, **meta))
+        try:
+            self.socket.send_multipart([identity] + control(kind, **meta))
+        except zmq.ZMQError as e:
+            if e.errno != zmq.EHOSTUNREACH:
+                raise  # a peer that has gone needs no answer
 
     def _handle(self, frames):
         identity, rest = frames[0], frames[1:]
@@ -62,13 +68,13 @@ class Agent:
             kind, meta = parse_control(rest)
         except UmigError as e:
             self.log(f"ignored a malformed message ({e})")
-            self.socket.send_multipart([identity] + control("failed", reason=str(e)))
+            self.reply(identity, "failed", reason=str(e))
             return
         if kind in self.services:
             self.services[kind](identity, meta)
             return
         if kind != "hello":
-            self.socket.send_multipart([identity] + control("failed", reason=f"unknown request {kind[:40]!r}"))
+            self.reply(identity, "failed", reason=f"unknown request {kind[:40]!r}")
             return
         self._migration(identity, meta)
 
@@ -78,7 +84,7 @@ class Agent:
             self._handle([identity] + [frame.bytes for frame in frames])
             return
         if frames and frames[0].bytes == b"hello":
-            self.socket.send_multipart([identity] + control("failed", reason=f"agent {self.name} is busy with another migration"))
+            self.reply(identity, "failed", reason=f"agent {self.name} is busy with another migration")
 
     def _migration(self, identity, hello):
         session = Session(self.socket, identity, SESSION_TIMEOUT, self._busy)
@@ -110,7 +116,7 @@ class Agent:
             reason = str(e) if isinstance(e, UmigError) else f"internal error: {type(e).__name__}: {e}"
             if not isinstance(e, UmigError):
                 traceback.print_exc(file=sys.stderr)
-            session.send("failed", reason=reason)
+            self.reply(identity, "failed", reason=reason)  # the source may be gone: no error then
             self.log(f"pid {pid} failed: {reason}")
             return
         self.restored[restored.init_pid or restored.pid] = restored.pid

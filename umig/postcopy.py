@@ -24,6 +24,7 @@ from umig import image
 from umig.errors import UmigError
 from umig.procfs import PAGE_SIZE
 from umig.state import memory
+from umig.transport import PING_INTERVAL
 
 LAZY_KINDS = ("anon", "heap", "stack")
 PREFETCH_PAGES = 16  # a fault fetches its neighbours too: processes touch memory in runs
@@ -223,7 +224,7 @@ class Pager:
         poller = zmq.Poller()
         poller.register(self.fd, zmq.POLLIN)
         poller.register(session.socket, zmq.POLLIN)
-        last_heard = time.monotonic()
+        last_heard = last_ping = time.monotonic()
         fetch = lambda address: session.send("fetch", address=address)  # noqa: E731
         while True:
             self.events(fetch)
@@ -245,7 +246,14 @@ class Pager:
                         raise UmigError(f"the source ended its stream with {self.pending.count} pages missing")
                     self.close()
                     return
-            if time.monotonic() - last_heard > SOURCE_SILENCE:
-                raise UmigError(f"the source was lost during post-copy with {self.pending.count} pages "
-                                "still there: the process cannot go on")
+            silence = time.monotonic() - last_heard
+            try:
+                if silence > SOURCE_SILENCE:
+                    raise UmigError(f"it fell silent for {SOURCE_SILENCE:g} s")
+                if silence > PING_INTERVAL and time.monotonic() - last_ping > PING_INTERVAL:
+                    last_ping = time.monotonic()
+                    session.check_source()
+            except UmigError as e:
+                raise UmigError(f"the source was lost during post-copy ({e}) with {self.pending.count} pages "
+                                "still there: the process cannot go on") from None
             poller.poll(50)

@@ -30,6 +30,8 @@ from umig.errors import UmigError
 DEFAULT_PORT = 7707
 # Page batches are ~1 MiB: a few in flight keep the pipe full and the memory bounded.
 HIGH_WATER_MARK = 8
+# A silent source is asked after this long whether it is still there.
+PING_INTERVAL = 1.0
 
 
 def endpoint(target):
@@ -123,10 +125,12 @@ class Connection:
     def send(self, frames, what="sending"):
         # A failure the agent reports while pages still stream must stop the stream at once.
         while self._socket.poll(0, zmq.POLLIN):
-            self._pending.append(self._socket.recv_multipart())
-            kind, meta = parse_control(self._pending[-1])
+            incoming = self._socket.recv_multipart()
+            kind, meta = parse_control(incoming)
             if kind == "failed":
                 raise UmigError(f"target failed: {meta.get('reason', 'no reason given')}")
+            if kind != "ping":  # the agent checking that we are still here
+                self._pending.append(incoming)
         self._wait(zmq.POLLOUT, what)
         # Copied into ZeroMQ's own message: the page buffer is reused for the next batch.
         self._socket.send_multipart(frames, copy=True)
@@ -137,32 +141,37 @@ class Connection:
     def send_control(self, kind, **meta):
         self.send(control(kind, **meta), f"sending {kind}")
 
+    def _next_control(self, timeout, what):
+        """The next control message but pings, or None if none comes within timeout seconds
+        (timeout None: the connection's own, which raises). A `failed` becomes the error."""
+        while True:
+            if self._pending:
+                frames = self._pending.popleft()
+            elif timeout is None:
+                self._wait(zmq.POLLIN, what)
+                frames = self._socket.recv_multipart()
+            else:
+                self._poller.register(self._socket, zmq.POLLIN)
+                try:
+                    arrived = self._socket in self._watch(timeout)
+                finally:
+                    self._poller.unregister(self._socket)
+                if not arrived:
+                    return None
+                frames = self._socket.recv_multipart()
+            kind, meta = parse_control(frames)
+            if kind == "failed":
+                raise UmigError(f"target failed: {meta.get('reason', 'no reason given')}")
+            if kind != "ping":  # the agent checking that we are still here
+                return kind, meta
+
     def poll_control(self, timeout):
-        """The next control message within timeout seconds, or None (a `failed` becomes the error)."""
-        if not self._pending:
-            self._poller.register(self._socket, zmq.POLLIN)
-            try:
-                arrived = self._socket in self._watch(timeout)
-            finally:
-                self._poller.unregister(self._socket)
-            if not arrived:
-                return None
-            self._pending.append(self._socket.recv_multipart())
-        kind, meta = parse_control(self._pending.popleft())
-        if kind == "failed":
-            raise UmigError(f"target failed: {meta.get('reason', 'no reason given')}")
-        return kind, meta
+        """The next control message within timeout seconds, or None."""
+        return self._next_control(timeout, "post-copy")
 
     def expect(self, kind, what):
-        """The next control message, which must be `kind` (a `failed` becomes the error)."""
-        if self._pending:
-            frames = self._pending.popleft()
-        else:
-            self._wait(zmq.POLLIN, what)
-            frames = self._socket.recv_multipart()
-        got, meta = parse_control(frames)
-        if got == "failed":
-            raise UmigError(f"target failed: {meta.get('reason', 'no reason given')}")
+        """The next control message, which must be `kind`."""
+        got, meta = self._next_control(None, what)
         if got != kind:
             raise UmigError(f"the agent answered {got!r} where {kind!r} was due")
         return meta
@@ -175,7 +184,8 @@ class Connection:
 
 class Session:
     """The agent's end of one migration: reads this source's frames off the shared ROUTER socket,
-    turns other peers away while busy, and times out a source that falls silent."""
+    turns other peers away while busy, notices a source that has gone (a ping to it fails: the
+    socket is ROUTER_MANDATORY), and times out one that falls silent."""
 
     def __init__(self, socket, identity, timeout, busy_reply):
         self.socket = self._socket = socket
@@ -185,14 +195,26 @@ class Session:
         self._frames = collections.deque()
 
     def send(self, kind, **meta):
-        self._socket.send_multipart([self.identity] + control(kind, **meta))
+        try:
+            self._socket.send_multipart([self.identity] + control(kind, **meta))
+        except zmq.ZMQError as e:
+            if e.errno == zmq.EHOSTUNREACH:
+                raise UmigError("the source went away (its connection closed)") from None
+            raise
+
+    def check_source(self):
+        """Raise if the source has gone."""
+        self.send("ping")
 
     def _receive(self):
         deadline = time.monotonic() + self.timeout
         while True:
             left = deadline - time.monotonic()
-            if left <= 0 or not self._socket.poll(left * 1000, zmq.POLLIN):
+            if left <= 0:
                 raise UmigError(f"the source fell silent for {self.timeout:g} s")
+            if not self._socket.poll(min(left, PING_INTERVAL) * 1000, zmq.POLLIN):
+                self.check_source()
+                continue
             identity, *frames = self._socket.recv_multipart(copy=False)
             if identity.bytes != self.identity:
                 self._busy_reply(identity.bytes, frames)
