@@ -231,6 +231,21 @@ def become_subreaper():
     libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 
 
+def end_processes(proc, *others):
+    """SIGKILL what is still alive of proc (our child) and others, then reap proc."""
+    for pid in (proc.pid if proc else None, *others):
+        if pid is not None and alive(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    if proc is not None:
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+
+
 def reap_orphans():
     while True:
         try:
@@ -365,17 +380,7 @@ def bench_umig(workload, mode, binaries, workdir, run):
     except DemoError as e:
         return row.fail(f"{e}\n{agent.log_tail(8)}")
     finally:
-        for pid in (target_pid, proc.pid if proc else None):
-            if pid is not None and alive(pid):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        if proc is not None:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
+        end_processes(proc, target_pid)
         agent.stop()
         shutil.rmtree(rundir, ignore_errors=True)
 
@@ -433,16 +438,7 @@ def bench_criu(workload, mode, binaries, workdir, run, criu):
     except (DemoError, subprocess.TimeoutExpired) as e:
         return row.fail(e)
     finally:
-        if proc is not None and alive(proc.pid):
-            try:
-                os.kill(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        if proc is not None:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
+        end_processes(proc)
         reap_orphans()
         shutil.rmtree(images, ignore_errors=True)
         shutil.rmtree(rundir, ignore_errors=True)
