@@ -44,6 +44,13 @@ def test_threshold_does_not_preempt_old_processes_or_act_below_the_threshold():
                                                          node("b", 0))) == []
 
 
+def test_threshold_counts_processes_not_load_per_core():
+    # Two runnable processes on a 0.4-core node are a queue of two; a 0.4-core peer with an empty
+    # queue takes the new arrival, though its load per core would be 2.5 with it.
+    v = view("a", node("a", 2, capacity=0.4, processes=[proc(1, 5.0), proc(2, 0.1)]), node("b", 0, capacity=0.4))
+    assert [(m.pid, m.target) for m in policies.Threshold(threshold=1).decide(v)] == [(2, "b")]
+
+
 def test_threshold_probes_only_a_few_peers():
     busy = [node(f"n{i}", 4) for i in range(8)]
     v = view("a", node("a", 3, processes=[proc(1, 0.1)]), node("z", 0), *busy)

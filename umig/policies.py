@@ -65,13 +65,15 @@ class Policy:
 
 
 class Threshold(Policy):
-    """Sender-initiated, after Eager, Lazowska & Zahorjan (1986): a node whose load is above
-    `threshold` probes up to `probes` random peers and sends to the first that stays at or below
-    the threshold with one process more. It places work rather than preempting it: only
-    processes younger than `max_age` CPU seconds (new arrivals) are sent, the youngest first."""
+    """Sender-initiated, after Eager, Lazowska & Zahorjan (1986): a node whose CPU queue holds
+    more than `threshold` runnable processes probes up to `probes` random peers and sends to the
+    first whose queue would still be at or below the threshold with one process more. As in the
+    paper the threshold counts processes, not load per core: a node smaller than one core is not
+    overloaded by its single job. It places work rather than preempting it: only processes
+    younger than `max_age` CPU seconds (new arrivals) are sent, the youngest first."""
     name = "threshold"
 
-    def __init__(self, threshold=1.0, probes=3, max_age=1.0, seed=None, **options):
+    def __init__(self, threshold=1, probes=3, max_age=1.0, seed=None, **options):
         self.threshold = float(threshold)
         self.probes = int(probes)
         self.max_age = float(max_age)
@@ -80,17 +82,17 @@ class Threshold(Policy):
 
     def decide(self, view):
         me = view.me
-        if me["load"] <= self.threshold:
+        if me["runq"] <= self.threshold:
             return []
         young = sorted((p for p in eligible(me) if p["cpu_age"] < self.max_age), key=lambda p: p["cpu_age"])
         if not young:
             return []
         peers = view.peers()
         for peer in self.random.sample(peers, min(self.probes, len(peers))):
-            if load_after(peer) <= self.threshold:
+            if peer["runq"] + 1 <= self.threshold:
                 return [proposal(me, young[0], peer,
-                                 f"load {me['load']:.2f} > threshold {self.threshold:g}; probed {peer['name']} "
-                                 f"at {peer['load']:.2f}")]
+                                 f"queue {me['runq']} > threshold {self.threshold:g}; probed {peer['name']} "
+                                 f"with queue {peer['runq']}")]
         return []
 
 
