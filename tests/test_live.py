@@ -76,3 +76,12 @@ def test_live_target_killed_during_precopy(agent_factory, registry, workloads, t
     src.fire()
     assert src.wait_exit(60) == 0
     assert_writer_exact(workloads, src.stdout())
+
+
+@pytest.mark.parametrize("mode", ["stop", "live", "lazy"])
+def test_neighbours_the_kernel_kept_apart_stay_apart(agent, registry, c_make, mode):
+    """Two anonymous mappings side by side that the kernel did not merge (mremap moved one
+    there) are two mappings after the move too, whatever the mode (the maps comparison)."""
+    extra = () if mode == "stop" else (f"--{mode}",)
+    wl, _, _ = migrate_and_compare(agent, registry, c_make("apart"), extra=extra)
+    assert "lower: 0 bad bytes, upper: 0 bad bytes" in wl.stdout()

@@ -21,7 +21,7 @@ MAP_SHARED, MAP_PRIVATE, MAP_ANONYMOUS, MAP_GROWSDOWN, MAP_NORESERVE = 0x01, 0x0
 # VmFlags (proc(5)) that madvise() sets, with their advice. Besides their own effect they keep the
 # kernel from merging the mapping with a neighbour that lacks them, so the layout depends on them.
 MADVISED = {"dd": 16, "dc": 10, "wf": 18, "hg": 14, "nh": 15, "mg": 12}  # MADV_DONTDUMP, ...
-MADV_DONTNEED = 4
+MADV_DONTNEED, MADV_POPULATE_WRITE = 4, 23
 
 # Special mappings of the kernel's vDSO family ([vvar], [vvar_vclock], [vdso], ...): code in the vDSO
 # finds its data by fixed offsets, so the set moves as one block and keeps its layout.
@@ -444,8 +444,36 @@ def prepare(restorer, section, restorer_entries):
     image_vdso = [m for m in section["mappings"] if m["kind"] == "vdso"]
     for entry, mapping in zip(vdso_parts, image_vdso):
         restorer.move(parking + entry.start - vdso_parts[0].start, mapping["start"], entry.size)
-    for m in section["mappings"]:
-        _map(restorer, m)
+    hole_entry = procfs.MapsEntry(hole, hole + hole_size, "rwxp", 0, "", 0, "")
+    _map_all(restorer, section, section["mappings"], [hole_entry])
+
+
+def _would_merge(a, b):
+    """Whether the kernel would join b to the anonymous mapping a just below it, as it does
+    when their flags match (on the source they stayed apart: one of them was moved by mremap,
+    or their anon_vmas differ, which /proc does not show)."""
+    return (a["end"] == b["start"] and a["kind"] == b["kind"] == "anon" and not a["shared"] and not b["shared"]
+            and _filling_prot(a) == _filling_prot(b) and a["vmflags"] == b["vmflags"])
+
+
+def _map_all(restorer, section, mappings, taken):
+    """Map `mappings` of `section` in address order. One that the kernel would merge with its
+    neighbour below is made elsewhere and moved into place with mremap: a moved anonymous
+    mapping that has a page keeps its page offset, which no longer continues its neighbour's, so
+    the two stay apart as they were."""
+    previous = None
+    for m in mappings:
+        if previous is not None and _would_merge(previous, m):
+            detour = find_hole(section, taken, m["end"] - m["start"])
+            _map(restorer, dict(m, start=detour, end=detour + m["end"] - m["start"]))
+            # mremap lets an anonymous mapping that never had a page take its new place's offset:
+            # one page makes it keep its own (and is dropped again once it is there).
+            restorer.madvise(detour, PAGE_SIZE, MADV_POPULATE_WRITE)
+            restorer.move(detour, m["start"], m["end"] - m["start"])
+            restorer.madvise(m["start"], PAGE_SIZE, MADV_DONTNEED)
+        else:
+            _map(restorer, m)
+        previous = m
 
 
 def _filling_prot(m):
@@ -484,9 +512,7 @@ def relayout(restorer, old, new, discard):
     for m in old["mappings"]:
         if same_mapping(m) not in kept and m["kind"] not in ("vdso", "vsyscall"):
             restorer.unmap(m["start"], m["end"] - m["start"])
-    for m in new["mappings"]:
-        if same_mapping(m) not in kept:
-            _map(restorer, m)
+    _map_all(restorer, new, [m for m in new["mappings"] if same_mapping(m) not in kept], [])
     for start, length in discard:
         restorer.madvise(start, length, MADV_DONTNEED)
 
