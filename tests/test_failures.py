@@ -108,7 +108,7 @@ def test_client_killed_mid_transfer(pair, agent_factory, registry):
         client.kill()
     finally:
         client.wait(30)
-    # the agent notices the silent source (however long its session timeout) and cleans up
+    # the agent notices that the source has gone (a ping to it fails) and cleans up
     target.wait_for_line(rf"^survivor: pid {src.pid} failed: ", 90, mark)
     assert_target_clean(target, since, registry, markers=[src.argv[0]], source_pid=src.pid)
     target.assert_alive()
