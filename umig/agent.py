@@ -108,8 +108,10 @@ class Agent:
             session.send("running", target_pid=restored.pid)
             if restored.pager:
                 self.log(f"pid {pid} running as {restored.pid}; post-copy of {restored.pager.pending.count} pages")
-                restored.complete(session, reader)
+                ended = restored.complete(session, reader)
                 session.send("complete")
+                if ended:
+                    self.log(f"restored pid {restored.pid} ended during post-copy ({ended})")
         except Exception as e:
             if restored is not None:
                 restored.discard()

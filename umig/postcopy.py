@@ -14,6 +14,7 @@ side, which still holds the original frozen, resumes it from the moment it was f
 """
 import bisect
 import ctypes
+import errno
 import os
 import struct
 import time
@@ -164,9 +165,9 @@ class Pager:
             return ctypes.get_errno()
         return 0
 
-    def place(self, runs, payload):
-        """Copy the pages of a record that are still missing into the process (whole runs of them
-        at a time); pages it already has or dropped are skipped."""
+    def place(self, runs, payload, fetch):
+        """Copy the pages of a record that are still missing into the process, whole stretches
+        at a time; pages it already has or no longer maps are skipped."""
         data = bytes(payload)
         base = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value
         offset = 0
@@ -178,14 +179,33 @@ class Pager:
                     continue
                 end = page
                 while end < start + length and self.pending.missing(end):
-                    self.pending.take(end)
                     end += PAGE_SIZE
-                copy = _Uffdio(dst=self._to_target(page), src=base + offset + page - start, len=end - page)
-                err = self._ioctl(UFFDIO_COPY, copy)
-                if err not in (0, 17, 2):  # EEXIST: touched meanwhile; ENOENT: unmapped meanwhile
-                    raise UmigError(f"UFFDIO_COPY at {page:#x} failed: {os.strerror(err)}")
-                page = end
+                page = self._copy(page, end, base + offset - start, fetch)
             offset += length
+
+    def _copy(self, page, end, source_base, fetch):
+        """UFFDIO_COPY of the missing pages [page, end) (source addresses); returns where the
+        caller goes on from. Pages count as arrived only once the kernel says they did."""
+        target = self._to_target(page)
+        # One ioctl per stretch, unless the process moved part of it (mremap) meanwhile.
+        whole = self._to_target(end - PAGE_SIZE) == target + (end - PAGE_SIZE - page)
+        length = end - page if whole else PAGE_SIZE
+        copy = _Uffdio(dst=target, src=source_base + page, len=length)
+        err = self._ioctl(UFFDIO_COPY, copy)
+        done = length if err == 0 else max(copy.result, 0)
+        for arrived in range(page, page + done, PAGE_SIZE):
+            self.pending.take(arrived)
+        if err == 0 or done:
+            return page + done
+        if err == errno.EAGAIN:  # the layout is changing: learn how from its events, then retry
+            self.events(fetch)
+            return page
+        if err in (errno.EEXIST, errno.ENOENT):
+            if length > PAGE_SIZE:  # perhaps only part of the stretch: page by page
+                return self._copy(page, page + PAGE_SIZE, source_base, fetch)
+            self.pending.take(page)  # already there, or no longer mapped: nothing to bring
+            return page + PAGE_SIZE
+        raise UmigError(f"UFFDIO_COPY at {target:#x} failed: {os.strerror(err)}")
 
     def events(self, fetch):
         """Handle what the process did: faults are fetched (or zero-filled where the source had no
@@ -216,11 +236,12 @@ class Pager:
             return
         zero = _UffdioZeropage(start=address, len=PAGE_SIZE)
         err = self._ioctl(UFFDIO_ZEROPAGE, zero)
-        if err not in (0, 17, 2):
+        if err not in (0, errno.EEXIST, errno.ENOENT, errno.EAGAIN):
             raise UmigError(f"UFFDIO_ZEROPAGE at {address:#x} failed: {os.strerror(err)}")
 
     def run(self, session, records, tracee):
-        """Serve the process until every page is in, passing its signals on meanwhile."""
+        """Serve the process until every page is in, passing its signals on meanwhile. Returns
+        the process's end if it ended first (its move is complete then: it ran to its end there)."""
         poller = zmq.Poller()
         poller.register(self.fd, zmq.POLLIN)
         poller.register(session.socket, zmq.POLLIN)
@@ -231,7 +252,8 @@ class Pager:
             stop = tracee.poll_stop()
             if stop is not None:
                 if not stop.stopped:
-                    raise UmigError(f"the process ended during post-copy ({stop})")
+                    self.close()
+                    return stop
                 tracee.cont(stop.signo if stop.kind == "signal" else 0)
             while session.ready():
                 # Faults first, between every record: a process waiting on one page must not wait
@@ -240,12 +262,12 @@ class Pager:
                 last_heard = time.monotonic()
                 record = next(records)
                 if record.kind == "pages":
-                    self.place(record.meta["runs"], record.payload)
+                    self.place(record.meta["runs"], record.payload, fetch)
                 elif record.kind == "end":
                     if self.pending.count:
                         raise UmigError(f"the source ended its stream with {self.pending.count} pages missing")
                     self.close()
-                    return
+                    return None
             silence = time.monotonic() - last_heard
             try:
                 if silence > SOURCE_SILENCE:

@@ -50,9 +50,11 @@ class RestoredProcess:
             self.tracee.detach()
 
     def complete(self, session, records):
-        """Post-copy: serve the process's missing pages until all have come, then let it go."""
-        self.pager.run(session, records, self.tracee)
+        """Post-copy: serve the process's missing pages until all have come, then let it go.
+        Returns the process's end if it ended before all had come."""
+        ended = self.pager.run(session, records, self.tracee)
         self.tracee.detach()
+        return ended
 
     def discard(self):
         self.restorer.kill()
@@ -78,14 +80,14 @@ def restore(records, requested_pid_mode="keep", on_accept=None):
         if on_accept:
             on_accept(header.meta, state)
         restorer.close_fds(files.lowest_free_fd(state["files"]))
-        memory.prepare(restorer, state["memory"], procfs.maps(restorer.pid))
+        hole = memory.prepare(restorer, state["memory"], procfs.maps(restorer.pid))
         for record in records:  # page batches, up to the verified end record
             if record.kind == "pages":
                 memory.fill(restorer, record.meta["runs"], record.payload)
             elif record.kind == "state":  # a live migration's final state: the layout now, then its last pages
                 final = record.meta
                 check_target(final, built=state)
-                memory.relayout(restorer, state["memory"], final["memory"], final["discard"])
+                memory.relayout(restorer, state["memory"], final["memory"], final["discard"], hole)
                 state = final
             elif record.kind == "resume":  # post-copy: the rest comes once the process runs
                 spans = [[m["start"], m["end"] - m["start"]] for m in state["memory"]["mappings"]
