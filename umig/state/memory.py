@@ -300,14 +300,15 @@ def complement(runs, start, end):
     return gaps
 
 
-def read_batches(pid, runs, batch_bytes=BATCH_BYTES, zero_spans=()):
+def read_batches(pid, runs, batch_bytes=BATCH_BYTES, zero_spans=(), tolerant=False):
     """Yield (runs, buffer) batches of about batch_bytes, read straight from /proc/PID/mem
     (which, unlike process_vm_readv, also reads PROT_NONE and read-only pages). Pages that are
     all zeros inside `zero_spans` (fresh anonymous memory on the target, where zeros are what an
     untouched page reads) are left out.
 
     One buffer serves every batch (a fresh megabyte per batch costs page faults that halve the
-    throughput): each batch must be consumed before the next is asked for."""
+    throughput): each batch must be consumed before the next is asked for. `tolerant` skips what
+    cannot be read (a running process may unmap memory between the scan and the read)."""
     mem = os.open(procfs.proc_path(pid, "mem"), os.O_RDONLY)
     store = bytearray(batch_bytes)
     buffer = memoryview(store)
@@ -323,8 +324,16 @@ def read_batches(pid, runs, batch_bytes=BATCH_BYTES, zero_spans=()):
         for start, length in runs:
             while length:
                 take = min(length, batch_bytes - filled)
-                if os.preadv(mem, [buffer[filled:filled + take]], start) != take:
-                    raise UmigError(f"short read of pid {pid}'s memory at {start:x}")
+                try:
+                    complete = os.preadv(mem, [buffer[filled:filled + take]], start) == take
+                except OSError:
+                    complete = False
+                if not complete:
+                    if not tolerant:
+                        raise UmigError(f"reading pid {pid}'s memory at {start:x} failed")
+                    start += take
+                    length -= take
+                    continue
                 batch_runs.append([start, take])
                 filled += take
                 start += take
@@ -428,7 +437,8 @@ def find_hole(section, restorer_entries, size):
 
 def prepare(restorer, section, restorer_entries):
     """Relocate the restorer into a hole, clear its old mappings, move the vDSO set to its old
-    place and map every mapping of the image (writable where pages will be filled)."""
+    place and map every mapping of the image (writable where pages will be filled). Returns the
+    hole, which later mappings must avoid too."""
     vdso_parts = [e for e in restorer_entries if _VDSO_NAME.fullmatch(e.path)]
     vdso_size = sum(e.size for e in vdso_parts)
     hole_size = restorer.hole_size + vdso_size  # its image and stack, then a parking place
@@ -445,25 +455,30 @@ def prepare(restorer, section, restorer_entries):
     for entry, mapping in zip(vdso_parts, image_vdso):
         restorer.move(parking + entry.start - vdso_parts[0].start, mapping["start"], entry.size)
     hole_entry = procfs.MapsEntry(hole, hole + hole_size, "rwxp", 0, "", 0, "")
-    _map_all(restorer, section, section["mappings"], [hole_entry])
+    _map_all(restorer, section, [hole_entry])
+    return hole_entry
 
 
 def _would_merge(a, b):
     """Whether the kernel would join b to the anonymous mapping a just below it, as it does
     when their flags match (on the source they stayed apart: one of them was moved by mremap,
-    or their anon_vmas differ, which /proc does not show)."""
+    or their anon_vmas differ, which /proc does not show). Only writable ones are kept apart:
+    the way to do it needs a page in b."""
     return (a["end"] == b["start"] and a["kind"] == b["kind"] == "anon" and not a["shared"] and not b["shared"]
-            and _filling_prot(a) == _filling_prot(b) and a["vmflags"] == b["vmflags"])
+            and _filling_prot(a) == _filling_prot(b) and _filling_prot(b) & PROT_WRITE
+            and a["vmflags"] == b["vmflags"])
 
 
-def _map_all(restorer, section, mappings, taken):
-    """Map `mappings` of `section` in address order. One that the kernel would merge with its
-    neighbour below is made elsewhere and moved into place with mremap: a moved anonymous
-    mapping that has a page keeps its page offset, which no longer continues its neighbour's, so
-    the two stay apart as they were."""
+def _map_all(restorer, section, taken, built=frozenset()):
+    """Map the mappings of `section` in address order, but those already `built`. One that the
+    kernel would merge with its neighbour below is made elsewhere and moved into place with
+    mremap: a moved anonymous mapping that has a page keeps its page offset, which no longer
+    continues its neighbour's, so the two stay apart as they were."""
     previous = None
-    for m in mappings:
-        if previous is not None and _would_merge(previous, m):
+    for m in section["mappings"]:
+        if same_mapping(m) in built:
+            pass
+        elif previous is not None and _would_merge(previous, m):
             detour = find_hole(section, taken, m["end"] - m["start"])
             _map(restorer, dict(m, start=detour, end=detour + m["end"] - m["start"]))
             # mremap lets an anonymous mapping that never had a page take its new place's offset:
@@ -504,15 +519,16 @@ def same_mapping(m):
             tuple(m["vmflags"]), _filling_prot(m))
 
 
-def relayout(restorer, old, new, discard):
+def relayout(restorer, old, new, discard, hole):
     """Turn the layout built from `old` into `new` (a live migration's final state): mappings that
-    went or changed are unmapped, new and changed ones mapped; pages the process dropped since
-    they were sent are dropped here too (MADV_DONTNEED: zeros, or the file's own page again)."""
+    went or changed are unmapped, new and changed ones mapped (away from the restorer's `hole`);
+    pages the process dropped since they were sent are dropped here too (MADV_DONTNEED: zeros,
+    or the file's own page again)."""
     kept = {same_mapping(m) for m in new["mappings"]} & {same_mapping(m) for m in old["mappings"]}
     for m in old["mappings"]:
         if same_mapping(m) not in kept and m["kind"] not in ("vdso", "vsyscall"):
             restorer.unmap(m["start"], m["end"] - m["start"])
-    _map_all(restorer, new, [m for m in new["mappings"] if same_mapping(m) not in kept], [])
+    _map_all(restorer, new, [hole], built=kept)
     for start, length in discard:
         restorer.madvise(start, length, MADV_DONTNEED)
 
