@@ -150,25 +150,26 @@ def collect(frozen):
     return state, runs
 
 
-def write_image(writer, frozen, state, runs, after_state=None, last=None):
+def write_image(writer, frozen, state, runs, after_state=None, last=None, drop_zero_pages=True):
     """header, state, page batches, then `last` (the end record by default). after_state runs
     between state and pages (migrate waits there for the target to accept)."""
     writer.write(image.header(state["pid"]))
     writer.write(image.Record("state", state))
     if after_state:
         after_state()
-    write_pages(writer, frozen.pid, runs, memory.fresh_spans(state["memory"]))
+    write_pages(writer, frozen.pid, runs, memory.fresh_spans(state["memory"]) if drop_zero_pages else ())
     if last:
         writer.write(last)
     else:
         writer.end()
 
 
-def write_pages(writer, pid, runs, zero_spans=(), observe=None):
+def write_pages(writer, pid, runs, zero_spans=(), observe=None, tolerant=False):
     """Page records for runs, read in batches (all-zero pages in zero_spans left out; observe, if
-    given, sees each batch as sent); returns the bytes written."""
+    given, sees each batch as sent; tolerant: pages gone meanwhile skipped, for a process that
+    runs); returns the bytes written."""
     sent = 0
-    for batch_runs, buffer in memory.read_batches(pid, runs, zero_spans=zero_spans):
+    for batch_runs, buffer in memory.read_batches(pid, runs, zero_spans=zero_spans, tolerant=tolerant):
         writer.write(image.Record("pages", {"runs": batch_runs}, buffer))
         if observe:
             observe(batch_runs, buffer)

@@ -76,7 +76,10 @@ def _postcopy_start(frozen, state, runs, writer, connection):
     eager, lazy_runs = postcopy.split(state, runs)
     dump.write_image(writer, frozen, dict(state, mode="lazy", lazy_runs=lazy_runs), eager,
                      after_state=lambda: connection.expect("accepted", "checking the image"),
-                     last=image.Record("resume", {"pages": sum(length for _, length in lazy_runs) // 4096}))
+                     last=image.Record("resume", {"pages": sum(length for _, length in lazy_runs) // 4096}),
+                     # An eager page left out would be missing, and the restorer may touch it
+                     # (the rseq area) before anyone serves faults.
+                     drop_zero_pages=False)
     return lazy_runs
 
 
@@ -91,12 +94,14 @@ def _precopy(frozen, state, runs, writer, connection, frozen_at, tracking, notic
     connection.expect("accepted", "checking the image")
     written, rounds = precopy.copy_rounds(
         frozen, frozen.tracker, runs,
-        lambda pid, round_runs: dump.write_pages(writer, pid, round_runs, observe=frozen.tracker.sent))
+        lambda pid, round_runs: dump.write_pages(writer, pid, round_runs, observe=frozen.tracker.sent,
+                                                 tolerant=True))
     final_frozen_at = time.monotonic()
     tracker, frozen.tracker = frozen.tracker, None
     tracker.disarm()
     final, final_runs = dump.collect(frozen)
-    send, discard = precopy.final_pages(state["memory"], final["memory"], written, final_runs, tracker.tracked)
+    send, discard = precopy.final_pages(state["memory"], final["memory"], written, final_runs, tracker.tracked,
+                                        tracker.lost)
     writer.write(image.Record("state", dict(final, discard=discard)))
     dump.write_pages(writer, frozen.pid, send)
     writer.end()

@@ -81,8 +81,13 @@ class WriteTracker:
             except UmigError:
                 frozen.syscall_checked("close of the userfaultfd", SYS_CLOSE, fd)
                 raise
+        self.lost = set()
         self._pagemap = os.open(procfs.proc_path(frozen.pid, "pagemap"), os.O_RDONLY)
-        self.written()  # write-protects everything: from here on, writes are what it reports
+        try:
+            self.written()  # write-protects everything: from here on, writes are what it reports
+        except UmigError:
+            self.disarm()
+            raise
 
     def _ioctl(self, what, request):
         result = self.frozen.session.syscall(SYS_IOCTL, self.fd, request, self.frozen.scratch)
@@ -95,6 +100,8 @@ class WriteTracker:
         runs = []
         vec = (memory._PageRegion * 1024)()
         for m in self.tracked:
+            if memory.same_mapping(m) in self.lost:
+                continue
             start = m["start"]
             while start < m["end"]:
                 arg = memory._ScanArg(size=ctypes.sizeof(memory._ScanArg), flags=PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
@@ -106,7 +113,10 @@ class WriteTracker:
                                       return_mask=PAGE_IS_WRITTEN)
                 n = memory._libc.ioctl(self._pagemap, ctypes.c_ulong(memory._PAGEMAP_SCAN), ctypes.byref(arg))
                 if n < 0:
-                    raise UmigError(f"PAGEMAP_SCAN of pid {self.frozen.pid} failed: {os.strerror(ctypes.get_errno())}")
+                    # Unmapped or replaced since it was registered: no longer tracked, so all of
+                    # whatever is there now travels in the frozen copy.
+                    self.lost.add(memory.same_mapping(m))
+                    break
                 runs.extend([region.start, region.end - region.start] for region in vec[:n])
                 start = arg.walk_end
         return runs
@@ -130,6 +140,7 @@ class HashTracker:
     def __init__(self, frozen, section):
         self.pid = frozen.pid
         self.tracked = [m for m in section["mappings"] if m["kind"] in TRACKED_KINDS]
+        self.lost = set()  # a changed mapping shows as changed pages, or in the final layout
         self.hashes = {}
 
     def sent(self, runs, buffer):
@@ -142,7 +153,7 @@ class HashTracker:
     def written(self):
         present = memory.present_runs(self.pid, self.tracked)
         changed = []
-        for runs, buffer in memory.read_batches(self.pid, present):
+        for runs, buffer in memory.read_batches(self.pid, present, tolerant=True):
             view, offset = memoryview(buffer), 0
             for start, length in runs:
                 for page in range(start, start + length, procfs.PAGE_SIZE):
@@ -192,19 +203,21 @@ def copy_rounds(frozen, tracker, runs, write_pages, log=lambda line: None):
         rounds.append({"pages": sent // procfs.PAGE_SIZE, "seconds": round(elapsed, 6)})
 
 
-def final_pages(first, final, written, final_runs, tracked):
+def final_pages(first, final, written, final_runs, tracked, lost):
     """What the frozen copy must send, and what the target must drop: in mappings unchanged since
-    the first state and tracked, the pages written since the last round; in new or changed
-    mappings, all their pages; and in the unchanged ones, every page the process no longer has."""
-    unchanged = {memory.same_mapping(m) for m in first["mappings"]} & {memory.same_mapping(m) for m in tracked}
+    the first state, tracked and not `lost` by the tracker, the pages written since the last
+    round; in the others, all their pages; and in the unchanged ones, every page the process no longer has."""
+    # Shared memory is sent whole: others may write it, and a page the kernel reclaims from this
+    # process's page tables takes its write-protect record along.
+    unchanged = ({memory.same_mapping(m) for m in first["mappings"]}
+                 & {memory.same_mapping(m) for m in tracked if m["kind"] != "shared_anon"}) - lost
     send, discard = [], []
     for m in final["mappings"]:
         span = [[m["start"], m["end"] - m["start"]]]
         present = memory.intersect(final_runs, span)
         if memory.same_mapping(m) in unchanged:
             send += memory.intersect(present, written)
-            if m["kind"] != "shared_anon":  # shmem pages live on in their file; nothing to drop
-                discard += memory.complement(present, m["start"], m["end"])
+            discard += memory.complement(present, m["start"], m["end"])
         else:
             send += present
     return send, discard
