@@ -104,7 +104,7 @@ class ImageReader:
         # a lazy one says where the process resumes, and the rest of its pages follow.
         expected = ("header",) if seq == 0 else ("state",) if seq == 1 else \
             ("pages", "state", "end") if self._mode == "live" else \
-            ("pages", "resume", "end") if self._mode == "lazy" else ("pages", "end")
+            ("pages", "resume") if self._mode == "lazy" else ("pages", "end")
         if kind not in expected:
             raise DamagedImage(f"damaged image: a {kind} record where {' or '.join(expected)} belongs")
         payload = None
@@ -150,7 +150,12 @@ def check_header(meta):
 
 def check_runs(meta, payload):
     runs = meta.get("runs")
-    if not isinstance(runs, list) or sum(length for _, length in runs) != len(payload):
+    try:  # runs are page-aligned [start, length] pairs adding up to the payload
+        whole = sum(length for _, length in runs) == len(payload) and not any(
+            start % 4096 or length % 4096 or length <= 0 for start, length in runs)
+    except (TypeError, ValueError):
+        whole = False
+    if not whole:
         raise DamagedImage("damaged image: a pages record's runs do not match its payload")
 
 

@@ -222,22 +222,30 @@ class Session:
             return frames
 
     def ready(self):
-        """Whether a frame can be had without waiting."""
-        return bool(self._frames) or bool(self._socket.poll(0, zmq.POLLIN))
+        """Whether a frame of this source's can be had without waiting (others are answered)."""
+        while not self._frames and self._socket.poll(0, zmq.POLLIN):
+            identity, *frames = self._socket.recv_multipart(copy=False)
+            if identity.bytes != self.identity:
+                self._busy_reply(identity.bytes, frames)
+            else:
+                self._take(frames)
+        return bool(self._frames)
 
     def next_frame(self):
         """The next image frame (a zero-copy buffer), for ImageReader."""
         while not self._frames:
-            frames = self._receive()
-            kind = frames[0].bytes
-            if kind == b"record":
-                self._frames.extend(frame.buffer for frame in frames[1:])
-            elif kind == b"abort":
-                _, meta = parse_control([f.bytes for f in frames])
-                raise UmigError(f"the source aborted: {meta.get('reason', 'no reason given')}")
-            else:
-                raise UmigError(f"unexpected {kind[:20]!r} message in the image stream")
+            self._take(self._receive())
         return self._frames.popleft()
+
+    def _take(self, frames):
+        kind = frames[0].bytes
+        if kind == b"record":
+            self._frames.extend(frame.buffer for frame in frames[1:])
+        elif kind == b"abort":
+            _, meta = parse_control([f.bytes for f in frames])
+            raise UmigError(f"the source aborted: {meta.get('reason', 'no reason given')}")
+        else:
+            raise UmigError(f"unexpected {kind[:20]!r} message in the image stream")
 
     def expect(self, kind):
         got, meta = parse_control([f.bytes for f in self._receive()])
