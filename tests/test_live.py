@@ -85,3 +85,11 @@ def test_neighbours_the_kernel_kept_apart_stay_apart(agent, registry, c_make, mo
     extra = () if mode == "stop" else (f"--{mode}",)
     wl, _, _ = migrate_and_compare(agent, registry, c_make("apart"), extra=extra)
     assert "lower: 0 bad bytes, upper: 0 bad bytes" in wl.stdout()
+
+
+@pytest.mark.parametrize("mode", ["live", "lazy"])
+def test_mapping_replaced_during_the_copy(agent, registry, c_make, mode):
+    """A mapping unmapped and mapped again, new contents each time, while memory is copied: the
+    tracker loses it (pre-copy) or hears it go (post-copy), and it arrives whole and current."""
+    wl, _, _ = migrate_and_compare(agent, registry, c_make("remapper"), extra=(f"--{mode}",))
+    assert "remapped region: one generation" in wl.stdout()

@@ -1,0 +1,40 @@
+/*
+ * Keeps replacing one of its mappings while it is copied live: munmap, then mmap at the same
+ * place with the next generation's contents. After the trigger the region must hold one
+ * generation throughout, the newest: a tracker that missed the replacement would leave pages
+ * of an older one. Args: TRIGGER DIR.
+ */
+#include <stdio.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <time.h>
+
+#define SIZE (8 << 20)
+
+int main(int argc, char **argv)
+{
+	struct stat st;
+	unsigned char *region = mmap(NULL, SIZE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	unsigned generation = 1;
+	int bad = 0;
+
+	if (argc < 2 || region == MAP_FAILED)
+		return 1;
+	memset(region, generation, SIZE);
+	printf("ready\n");
+	fflush(stdout);
+	while (stat(argv[1], &st) != 0) {
+		struct timespec pause = {0, 2000000};
+		nanosleep(&pause, NULL);
+		munmap(region, SIZE);
+		if (mmap(region, SIZE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0) != region)
+			return 1;
+		generation = generation % 250 + 1;
+		memset(region, generation, SIZE);
+	}
+	for (int i = 0; i < SIZE; i++)
+		bad += region[i] != (unsigned char)generation;
+	printf("remapped region: %s\ndone\n", bad ? "MIXED GENERATIONS" : "one generation");
+	return 0;
+}
