@@ -29,9 +29,12 @@ _DIGEST_SIZE = 8
 # Page payloads may travel compressed (meta "codec"); digests cover what travels. Both codecs
 # were chosen for speed: at their fastest levels each compresses a megabyte in well under a
 # millisecond here, so they pay wherever the link is slower than a few GB/s.
+# Decompression is bounded by MAX_FRAME: a damaged or hostile payload must not inflate without end.
 CODECS = {
-    "lz4": (lambda data: lz4.frame.compress(data, compression_level=0), lz4.frame.decompress),
-    "zstd": (zstandard.ZstdCompressor(level=1).compress, zstandard.ZstdDecompressor().decompress),
+    "lz4": (lambda data: lz4.frame.compress(data, compression_level=0),
+            lambda data: lz4.frame.LZ4FrameDecompressor().decompress(data, max_length=MAX_FRAME)),
+    "zstd": (zstandard.ZstdCompressor(level=1).compress,
+             lambda data: zstandard.ZstdDecompressor().decompress(data, max_output_size=MAX_FRAME)),
 }
 
 
