@@ -246,7 +246,21 @@ class Pager:
         poller.register(self.fd, zmq.POLLIN)
         poller.register(session.socket, zmq.POLLIN)
         last_heard = last_ping = time.monotonic()
-        fetch = lambda address: session.send("fetch", address=address)  # noqa: E731
+
+        def from_source(call, *args, **meta):
+            """Whatever goes wrong between us and the source now is the unrecoverable case."""
+            try:
+                return call(*args, **meta)
+            except UmigError as e:
+                raise UmigError(f"the source was lost during post-copy ({e}) with {self.pending.count} pages "
+                                "still there: the process cannot go on") from None
+
+        def fetch(address):
+            from_source(session.send, "fetch", address=address)
+
+        def silent():
+            raise UmigError(f"it fell silent for {SOURCE_SILENCE:g} s")
+
         while True:
             self.events(fetch)
             stop = tracee.poll_stop()
@@ -255,12 +269,12 @@ class Pager:
                     self.close()
                     return stop
                 tracee.cont(stop.signo if stop.kind == "signal" else 0)
-            while session.ready():
+            while from_source(session.ready):
                 # Faults first, between every record: a process waiting on one page must not wait
                 # for the whole background stream that is queued before its answer.
                 self.events(fetch)
                 last_heard = time.monotonic()
-                record = next(records)
+                record = from_source(next, records)
                 if record.kind == "pages":
                     self.place(record.meta["runs"], record.payload, fetch)
                 elif record.kind == "end":
@@ -269,13 +283,9 @@ class Pager:
                     self.close()
                     return None
             silence = time.monotonic() - last_heard
-            try:
-                if silence > SOURCE_SILENCE:
-                    raise UmigError(f"it fell silent for {SOURCE_SILENCE:g} s")
-                if silence > PING_INTERVAL and time.monotonic() - last_ping > PING_INTERVAL:
-                    last_ping = time.monotonic()
-                    session.check_source()
-            except UmigError as e:
-                raise UmigError(f"the source was lost during post-copy ({e}) with {self.pending.count} pages "
-                                "still there: the process cannot go on") from None
+            if silence > SOURCE_SILENCE:
+                from_source(silent)
+            if silence > PING_INTERVAL and time.monotonic() - last_ping > PING_INTERVAL:
+                last_ping = time.monotonic()
+                from_source(session.check_source)
             poller.poll(50)
