@@ -2,10 +2,13 @@
 demand (userfaultfd) and in the background. Checked like every migration (output equal to a run
 never migrated, same layout, exit 0: see test_live.py), with a writer that touches its pages in random order, and
 with failures before the process resumes and while its pages are still coming."""
+import os
+import signal
 import subprocess
 import time
 
-from conftest import alive, assert_maps_equal, c_workload, migrate, read_maps, umig_cmd, umig_env, wait_until
+from conftest import (alive, assert_maps_equal, c_workload, migrate, proc_state, read_maps, umig_cmd, umig_env,
+                      wait_until)
 from test_failures import (assert_target_clean, finish_and_compare, migrate_expecting_failure,  # noqa: F401
                            pair)
 from test_live import WRITER_MIB, assert_writer_exact
@@ -56,3 +59,32 @@ def test_lazy_source_lost_during_postcopy(agent_factory, registry, workloads, tm
     src.fire()
     assert src.wait_exit(60) == 0
     assert_writer_exact(workloads, src.stdout(), "1024")
+
+
+def test_lazy_job_control_stop_during_postcopy_is_kept(agent, registry, workloads, tmp_path):
+    """SIGSTOP while pages are still coming: the process is still stopped once all have come,
+    and goes on correctly after SIGCONT."""
+    wl = c_workload(workloads, "live_writer", tmp_path / "mig", "2048", registry=registry)
+    wl.start().wait_ready()
+    since = agent.mark()
+    client = subprocess.Popen(umig_cmd("migrate", wl.pid, agent.target(), "--lazy", "--json"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=umig_env())
+    m = agent.wait_for_line(rf"^{agent.name}: pid {wl.pid} running as (\d+); post-copy", 60, since)
+    target = int(m[1])
+    registry.remember(target)
+    os.kill(target, signal.SIGSTOP)
+    time.sleep(0.3)
+    state = proc_state(target)
+    assert client.poll() is None, "post-copy ended too soon to see the process stay stopped during it"
+    assert state in ("t", "T"), f"the process ran on during post-copy although SIGSTOP stopped it (state {state})"
+    out, err = client.communicate(timeout=120)
+    assert client.returncode == 0, err
+    wait_until(lambda: proc_state(target) == "T", 10, "the restored process to show the job-control stop")
+    time.sleep(0.5)
+    assert proc_state(target) == "T", "the stopped process ran on after post-copy"
+    os.kill(target, signal.SIGCONT)
+    wl.wait_exit(30)
+    wl.fire()
+    assert agent.wait_exit(target, 60, since) == ("status", 0)
+    assert_writer_exact(workloads, wl.stdout(), "2048")
+

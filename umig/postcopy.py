@@ -268,7 +268,10 @@ class Pager:
                 if not stop.stopped:
                     self.close()
                     return stop
-                tracee.cont(stop.signo if stop.kind == "signal" else 0)
+                if stop.group_stop:
+                    tracee.listen()  # stopped by job control: it stays so (detach keeps it too)
+                else:
+                    tracee.cont(stop.signo if stop.kind == "signal" else 0)
             while from_source(session.ready):
                 # Faults first, between every record: a process waiting on one page must not wait
                 # for the whole background stream that is queued before its answer.

@@ -47,6 +47,7 @@ PTRACE_GETREGSET = 0x4204
 PTRACE_SETREGSET = 0x4205
 PTRACE_SEIZE = 0x4206
 PTRACE_INTERRUPT = 0x4207
+PTRACE_LISTEN = 0x4208
 PTRACE_PEEKSIGINFO = 0x4209
 PTRACE_GETSIGMASK = 0x420A
 PTRACE_SETSIGMASK = 0x420B
@@ -529,6 +530,13 @@ class Tracee:
     def cont(self, sig=0):
         """PTRACE_CONT, delivering ``sig`` if the thread is at a signal-delivery-stop."""
         self._ptrace(PTRACE_CONT, 0, sig)
+        self.stopped = False
+
+    def listen(self):
+        """PTRACE_LISTEN: leave a group-stopped tracee stopped, as job control asked, while still
+        hearing of what ends the stop (SIGCONT). A listening tracee takes requests again only
+        after an interrupt (detach() sends one)."""
+        self._ptrace(PTRACE_LISTEN)
         self.stopped = False
 
     def resume_syscall(self, sig=0):
