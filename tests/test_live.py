@@ -46,6 +46,7 @@ def test_live_writer_loses_no_write(agent, registry, workloads, tmp_path, tracki
     info = migrate(wl.pid, agent.target(), "--live", "--tracking", tracking)
     registry.remember(info["target_pid"])
     assert info["tracking"] == {"userfaultfd": "userfaultfd", "hashes": "page hashes"}[tracking], info
+    assert info["rounds_ended"] in ("small enough", "not shrinking", "round limit"), info
     assert len(info["rounds"]) >= 2, f"the writer should have needed more than one round: {info}"
     assert_maps_equal(maps_before, read_maps(info["target_pid"]))
     assert not any("userfaultfd" in os.readlink(f"/proc/{info['target_pid']}/fd/{fd}")

@@ -82,7 +82,6 @@ def cmd_dump(args):
     frozen = None
     try:
         frozen = dump.freeze(args.pid)
-        frozen_at = time.monotonic()
         writer = image.ImageWriter(sink)
         state, runs = dump.collect(frozen)
         dump.write_image(writer, frozen, state, runs)
@@ -99,7 +98,7 @@ def cmd_dump(args):
     else:
         frozen.release()
     print(f"dumped pid {args.pid} to {args.output}: {writer.pages} pages ({_human_bytes(writer.bytes)}) "
-          f"in {time.monotonic() - started:.3f} s, frozen {time.monotonic() - frozen_at:.3f} s"
+          f"in {time.monotonic() - started:.3f} s, frozen {time.monotonic() - frozen.stopped_at:.3f} s"
           f"{'; left running' if args.leave_running else '; the process was ended'}")
 
 

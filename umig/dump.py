@@ -6,6 +6,7 @@ syscalls, and written as header, state, page batches and end.
 """
 import contextlib
 import os
+import time
 
 from umig import image, procfs
 from umig.errors import Refused, UmigError
@@ -61,6 +62,7 @@ class Frozen:
 
     def stop(self):
         """Hold it still and take its CPU state (again, after run())."""
+        self.stopped_at = time.monotonic()  # where its frozen time begins
         self.tracee.interrupt()
         try:
             # It may have started a thread or a child since it was checked.

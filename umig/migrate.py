@@ -11,6 +11,7 @@ import time
 
 from umig import dump, image, postcopy, precopy
 from umig.errors import UmigError
+from umig.procfs import PAGE_SIZE
 from umig.transport import Connection, is_loopback
 
 
@@ -29,11 +30,10 @@ def migrate(pid, target, requested_pid_mode="keep", timeout=60.0, live=False, la
         connection.send_control("hello", pid=pid, pid_mode=requested_pid_mode, host=os.uname().nodename)
         welcome = connection.expect("welcome", "greeting")
         frozen = dump.freeze(pid)
-        frozen_at = time.monotonic()
         state, runs = dump.collect(frozen)
         writer = image.ImageWriter(connection.send_record, codec or default_codec(connection.endpoint))
         if live:
-            frozen_at, extra = _precopy(frozen, state, runs, writer, connection, frozen_at, tracking, notice)
+            extra = _precopy(frozen, state, runs, writer, connection, tracking, notice)
         elif lazy:
             lazy_runs = _postcopy_start(frozen, state, runs, writer, connection)
         else:
@@ -61,12 +61,12 @@ def migrate(pid, target, requested_pid_mode="keep", timeout=60.0, live=False, la
     result = {"source_pid": pid, "target": connection.endpoint, "target_name": welcome.get("name"),
               "target_pid": running["target_pid"], "pages": writer.pages, "bytes": writer.bytes,
               "wire_bytes": writer.wire_bytes,
-              "total_s": round(time.monotonic() - started, 6), "frozen_s": round(resumed_at - frozen_at, 6)}
+              "total_s": round(time.monotonic() - started, 6), "frozen_s": round(resumed_at - frozen.stopped_at, 6)}
     if lazy:
         result.update(mode="lazy", postcopy_s=round(time.monotonic() - resumed_at, 6))
     if live:
         # The process was also held while its first state was taken and the tracker armed.
-        result.update(extra, mode="live", frozen_s=round(max(resumed_at - frozen_at, extra["first_freeze_s"]), 6))
+        result.update(extra, mode="live", frozen_s=max(result["frozen_s"], extra["first_freeze_s"]))
     return result
 
 
@@ -76,27 +76,26 @@ def _postcopy_start(frozen, state, runs, writer, connection):
     eager, lazy_runs = postcopy.split(state, runs)
     dump.write_image(writer, frozen, dict(state, mode="lazy", lazy_runs=lazy_runs), eager,
                      after_state=lambda: connection.expect("accepted", "checking the image"),
-                     last=image.Record("resume", {"pages": sum(length for _, length in lazy_runs) // 4096}),
+                     last=image.Record("resume", {"pages": sum(length for _, length in lazy_runs) // PAGE_SIZE}),
                      # An eager page left out would be missing, and the restorer may touch it
                      # (the rseq area) before anyone serves faults.
                      drop_zero_pages=False)
     return lazy_runs
 
 
-def _precopy(frozen, state, runs, writer, connection, frozen_at, tracking, notice):
+def _precopy(frozen, state, runs, writer, connection, tracking, notice):
     """The live path: first state, memory copied while the process runs, then the final state
-    and what changed. Returns when the last freeze began, and the figures of the pre-copy."""
+    and what changed (the process frozen again). Returns the figures of the pre-copy."""
     writer.write(image.header(state["pid"]))
     writer.write(image.Record("state", dict(state, mode="live")))
     frozen.tracker = precopy.tracker(frozen, state["memory"], tracking, notice)
     frozen.run()
-    first_freeze = time.monotonic() - frozen_at
+    first_freeze = time.monotonic() - frozen.stopped_at
     connection.expect("accepted", "checking the image")
-    written, rounds = precopy.copy_rounds(
+    written, rounds, reason = precopy.copy_rounds(
         frozen, frozen.tracker, runs,
         lambda pid, round_runs: dump.write_pages(writer, pid, round_runs, observe=frozen.tracker.sent,
                                                  tolerant=True))
-    final_frozen_at = time.monotonic()
     tracker, frozen.tracker = frozen.tracker, None
     tracker.disarm()
     final, final_runs = dump.collect(frozen)
@@ -105,4 +104,5 @@ def _precopy(frozen, state, runs, writer, connection, frozen_at, tracking, notic
     writer.write(image.Record("state", dict(final, discard=discard)))
     dump.write_pages(writer, frozen.pid, send)
     writer.end()
-    return final_frozen_at, {"first_freeze_s": round(first_freeze, 6), "rounds": rounds, "tracking": tracker.method}
+    return {"first_freeze_s": round(first_freeze, 6), "rounds": rounds, "rounds_ended": reason,
+            "tracking": tracker.method}

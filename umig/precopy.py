@@ -181,9 +181,9 @@ def _send_runs(write_pages, pid, runs):
     return sent, time.monotonic() - started
 
 
-def copy_rounds(frozen, tracker, runs, write_pages, log=lambda line: None):
+def copy_rounds(frozen, tracker, runs, write_pages):
     """Stream memory while the process runs, round after round; returns, with the process frozen
-    again, the pages written since the last round and the rounds' statistics."""
+    again, the pages written since the last round, the rounds' statistics and why they ended."""
     rounds = []
     sent, elapsed = _send_runs(write_pages, frozen.pid, runs)
     rounds.append({"pages": sent // procfs.PAGE_SIZE, "seconds": round(elapsed, 6)})
@@ -196,9 +196,8 @@ def copy_rounds(frozen, tracker, runs, write_pages, log=lambda line: None):
                   "not shrinking" if size >= SHRINK_FACTOR * previous else
                   "round limit" if len(rounds) >= MAX_ROUNDS else None)
         if reason:
-            log(f"pre-copy: {len(rounds)} rounds, {size // procfs.PAGE_SIZE} pages left ({reason})")
             frozen.stop()
-            return memory.union(written, tracker.written()), rounds
+            return memory.union(written, tracker.written()), rounds, reason
         sent, elapsed = _send_runs(write_pages, frozen.pid, written)
         rounds.append({"pages": sent // procfs.PAGE_SIZE, "seconds": round(elapsed, 6)})
 
