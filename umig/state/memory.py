@@ -244,13 +244,7 @@ def dump(pid):
             if kind in ("file", "shared_file") and entry.path not in files:
                 files[entry.path] = file_identity(entry.path, content=kind == "file")
             if kind == "vdso":
-                with open(procfs.proc_path(pid, "mem"), "rb", buffering=0) as mem:
-                    mem.seek(entry.start)
-                    # Unreadable data pages ([vvar]) hash as empty; the code page must match exactly.
-                    try:
-                        mapping["sha256"] = hashlib.sha256(mem.read(entry.size)).hexdigest()
-                    except OSError:
-                        mapping["sha256"] = None
+                mapping["sha256"] = _vdso_digest(pid, entry)
             carried = _runs_to_carry(pid, pagemap_fd, mapping)
             mapping["pages"] = sum(length for _, length in carried) // PAGE_SIZE
             mappings.append(mapping)
@@ -377,13 +371,20 @@ def fresh_spans(section):
 
 # --- restore -----------------------------------------------------------------------------------------
 
-def vdso_layout(entries):
-    """The vDSO set as (name, offset from its first part, size), in address order."""
-    parts = [e for e in entries if _VDSO_NAME.fullmatch(e.path)]
-    if not parts:
-        return []
-    base = parts[0].start
-    return [(e.path, e.start - base, e.end - e.start) for e in parts]
+def _vdso_digest(pid, entry):
+    """SHA-256 of a part of the vDSO set as the process reads it; None where it cannot be read
+    (the data pages): the code must match exactly, the data is the kernel's own."""
+    with open(procfs.proc_path(pid, "mem"), "rb", buffering=0) as mem:
+        mem.seek(entry.start)
+        try:
+            return hashlib.sha256(mem.read(entry.size)).hexdigest()
+        except OSError:
+            return None
+
+
+def vdso_layout(parts):
+    """The vDSO set's parts (name, start, end), as (name, offset from its first part, size)."""
+    return [(path, start - parts[0][1], end - start) for path, start, end in parts]
 
 
 def check_target(section, checked=None):
@@ -395,24 +396,17 @@ def check_target(section, checked=None):
                 check_identity(path, identity, "mapped file")
         return
     image_vdso = [m for m in section["mappings"] if m["kind"] == "vdso"]
-    image_layout = [(m["path"], m["start"] - image_vdso[0]["start"], m["end"] - m["start"]) for m in image_vdso] \
-        if image_vdso else []
-    here = procfs.maps("self")
-    if image_layout != vdso_layout(here):
+    image_layout = vdso_layout([(m["path"], m["start"], m["end"]) for m in image_vdso])
+    here = [e for e in procfs.maps("self") if _VDSO_NAME.fullmatch(e.path)]
+    here_layout = vdso_layout([(e.path, e.start, e.end) for e in here])
+    if image_layout != here_layout:
         describe = lambda layout: ", ".join(f"{name} {size // 1024} KiB" for name, _, size in layout) or "none"
-        raise UmigError(f"the target kernel's vDSO layout ({describe(vdso_layout(here))}) differs from "
+        raise UmigError(f"the target kernel's vDSO layout ({describe(here_layout)}) differs from "
                         f"the source's ({describe(image_layout)})")
-    for mapping, entry in zip(image_vdso, [e for e in here if _VDSO_NAME.fullmatch(e.path)]):
-        if mapping.get("sha256"):
-            with open("/proc/self/mem", "rb", buffering=0) as mem:
-                mem.seek(entry.start)
-                try:
-                    same = hashlib.sha256(mem.read(entry.size)).hexdigest() == mapping["sha256"]
-                except OSError:
-                    same = False
-            if not same:
-                raise UmigError(f"the target kernel's {mapping['path']} differs from the source's "
-                                "(another kernel build): the process holds pointers into it")
+    for mapping, entry in zip(image_vdso, here):
+        if mapping.get("sha256") and _vdso_digest("self", entry) != mapping["sha256"]:
+            raise UmigError(f"the target kernel's {mapping['path']} differs from the source's "
+                            "(another kernel build): the process holds pointers into it")
     for path, identity in section["files"].items():
         check_identity(path, identity, "mapped file")
 
