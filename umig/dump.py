@@ -159,7 +159,7 @@ def write_image(writer, frozen, state, runs, after_state=None, last=None, drop_z
     writer.write(image.Record("state", state))
     if after_state:
         after_state()
-    write_pages(writer, frozen.pid, runs, memory.fresh_spans(state["memory"]) if drop_zero_pages else ())
+    write_pages(writer, frozen.pid, runs, memory.spans(state["memory"], memory.FRESH_KINDS) if drop_zero_pages else ())
     if last:
         writer.write(last)
     else:

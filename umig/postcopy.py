@@ -43,7 +43,7 @@ def split(state, runs):
     """(eager, lazy) page runs: userfaultfd serves missing pages of anonymous private memory only,
     and not those the kernel writes while the restorer still runs (the rseq area, on registration):
     no one would answer that fault."""
-    lazy_spans = [[m["start"], m["end"] - m["start"]] for m in state["memory"]["mappings"] if m["kind"] in LAZY_KINDS]
+    lazy_spans = memory.spans(state["memory"], LAZY_KINDS)
     if state["rseq"]:
         first = state["rseq"]["address"] & ~(PAGE_SIZE - 1)
         last = (state["rseq"]["address"] + state["rseq"]["length"] - 1) & ~(PAGE_SIZE - 1)

@@ -90,9 +90,7 @@ def restore(records, requested_pid_mode="keep", on_accept=None):
                 memory.relayout(restorer, state["memory"], final["memory"], final["discard"], hole)
                 state = final
             elif record.kind == "resume":  # post-copy: the rest comes once the process runs
-                spans = [[m["start"], m["end"] - m["start"]] for m in state["memory"]["mappings"]
-                         if m["kind"] in postcopy.LAZY_KINDS]
-                remote_fd = restorer.userfaultfd(spans)
+                remote_fd = restorer.userfaultfd(memory.spans(state["memory"], postcopy.LAZY_KINDS))
                 pager = postcopy.Pager(restorer.pid, remote_fd, state["lazy_runs"])
                 restorer.close(remote_fd)
                 break

@@ -363,10 +363,13 @@ def _without_zero_pages(buffer, runs, zero_spans):
     return kept, write
 
 
-def fresh_spans(section):
-    """Where the target maps fresh anonymous memory: an all-zero page there need not travel."""
-    return [[m["start"], m["end"] - m["start"]] for m in section["mappings"]
-            if m["kind"] in ("anon", "heap", "stack", "shared_anon")]
+# Where the target maps fresh anonymous memory: an all-zero page there need not travel.
+FRESH_KINDS = ("anon", "heap", "stack", "shared_anon")
+
+
+def spans(section, kinds):
+    """The [start, length] spans of the section's mappings of these kinds."""
+    return [[m["start"], m["end"] - m["start"]] for m in section["mappings"] if m["kind"] in kinds]
 
 
 # --- restore -----------------------------------------------------------------------------------------
