@@ -241,6 +241,10 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("umig: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (umig show FILE | head): nothing is wrong, nothing more to say.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13
     except Exception as e:  # a bug: one line, the trace only when asked for
         if os.environ.get("UMIG_DEBUG"):
             traceback.print_exc()
