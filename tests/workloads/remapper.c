@@ -1,6 +1,6 @@
 /*
- * Keeps replacing one of its mappings while it is copied live: munmap, then mmap at the same
- * place with the next generation's contents. After the trigger the region must hold one
+ * Keeps replacing one of its mappings while it is copied live: mmap MAP_FIXED over it, with
+ * the next generation's contents. After the trigger the region must hold one
  * generation throughout, the newest: a tracker that missed the replacement would leave pages
  * of an older one. Args: TRIGGER DIR.
  */
@@ -27,7 +27,7 @@ int main(int argc, char **argv)
 	while (stat(argv[1], &st) != 0) {
 		struct timespec pause = {0, 2000000};
 		nanosleep(&pause, NULL);
-		munmap(region, SIZE);
+		/* MAP_FIXED replaces the old mapping in one step: /proc never shows the gap */
 		if (mmap(region, SIZE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0) != region)
 			return 1;
 		generation = generation % 250 + 1;
