@@ -108,6 +108,14 @@ class EmulatedCluster:
                     os.kill(pid, signal.SIGKILL)
             time.sleep(0.1)
 
+    def cpu_used_s(self):
+        """CPU seconds used so far by everything in the nodes' cgroups."""
+        total = 0
+        for i in range(len(self.names)):
+            with open(os.path.join(self.cgroup("cpuacct", i), "cpuacct.usage")) as f:
+                total += int(f.read())
+        return total / 1e9
+
     def pids(self):
         found = set()
         for path in self._made_cg:

@@ -1,17 +1,22 @@
-"""The scheduling experiment: one job trace, replayed under each policy on three emulated nodes
-of unequal capacity (experiments/emulation.py), with every agent running the policy.
+"""The scheduling experiment: job traces replayed under each policy on emulated nodes
+(experiments/emulation.py), with every agent running the policy; one trace per seed, the same
+trace for every policy.
 
-Per policy: mean slowdown (response time / CPU demand), mean response time, makespan, the
-number of migrations and their total frozen time; printed as a table and written as JSON and
-a PNG plot. Needs root (namespaces, cgroups, ptrace).
+Per policy and seed: mean slowdown (response time / CPU demand), mean response time,
+makespan, the number of migrations and their total frozen time; across seeds each policy's
+mean and standard deviation, and the change of mean slowdown against no migration and
+against the placement-only threshold policy, taken seed by seed. Printed as tables and
+written as JSON (with every job and every migration) and a PNG plot. Needs root
+(namespaces, cgroups, ptrace).
 
-  python experiments/experiment.py            # the default run (several minutes)
-  python experiments/experiment.py --quick    # a smoke test (under a minute)
+  python experiments/experiment.py                 # the default run (about nine minutes)
+  python experiments/experiment.py --long          # more jobs and seeds (about half an hour)
+  python experiments/experiment.py --quick         # a smoke test (under a minute)
+  python experiments/experiment.py --seeds 4 5 --policies none age --utilisation 0.5
 """
 import argparse
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -25,11 +30,14 @@ import jobtrace  # noqa: E402
 from emulation import EmulatedCluster  # noqa: E402
 
 POLICIES = ("none", "threshold", "age", "memory")
-DEFAULT = dict(seed=1, jobs=30, duration=40.0, alpha=1.1, xm=0.25, cap=8.0, weights=(0.7, 0.2, 0.1),
-               capacities=(0.4, 0.6, 0.4), interval=0.5)
-QUICK = dict(DEFAULT, jobs=8, duration=4.0, xm=0.1, cap=1.0)
+# Four identical nodes with most arrivals at node-a, and on average 70 % of the cluster's
+# capacity offered: a load the cluster can carry, though node-a alone cannot.
+DEFAULT = dict(seeds=[1, 2, 3], jobs=24, utilisation=0.7, alpha=1.1, xm=0.25, cap=8.0,
+               weights=[0.6, 0.2, 0.1, 0.1], capacities=[0.4, 0.4, 0.4, 0.4], interval=0.5)
+LONG = dict(DEFAULT, seeds=[1, 2, 3, 4, 5], jobs=40)
+QUICK = dict(DEFAULT, seeds=[1], jobs=8, xm=0.1, cap=1.0, weights=[0.7, 0.2, 0.1], capacities=[0.4, 0.6, 0.4])
 JOB = os.path.join(HERE, "cpu_job.py")
-MIGRATED = re.compile(r"balance: migrated pid \d+ to (\S+) as pid \d+: frozen ([\d.]+) s")
+POLL_S = 1.0  # how often the driver asks about unfinished jobs: their times come from the agents
 
 
 def calibrate():
@@ -37,12 +45,51 @@ def calibrate():
     return int(out)
 
 
-def wait_for(predicate, timeout, what):
+def wait_for(predicate, timeout, what, poll=0.2):
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
             raise RuntimeError(f"timed out waiting for {what}")
-        time.sleep(0.2)
+        time.sleep(poll)
+
+
+def host_busy_s():
+    """CPU seconds the whole host has spent busy since boot (all cores)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle and iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def start_agents(cluster, policy, params, out_dir, env):
+    agents = []
+    for i, (name, ep) in enumerate(zip(cluster.names, cluster.endpoints)):
+        with open(os.path.join(out_dir, f"agent-{name}.log"), "w") as log:
+            cmd = cluster.agent_prefix(i, *cluster.peers_of(i), "--interval", params["interval"], "--balance", policy)
+            agents.append(subprocess.Popen(cmd + [sys.executable, "-m", "umig", "agent", "--listen", ep, "--name", name],
+                                           stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env))
+    return agents
+
+
+def own_migrations(cluster):
+    """Every migration each agent started, as it reported them (from, to, job, frozen time, the
+    process's CPU age and resident size when it left)."""
+    from umig import jobs
+    found = []
+    for name, ep in zip(cluster.names, cluster.endpoints):
+        events = jobs.request(ep, "nodes", "nodes", timeout=5)["events"]
+        found += [e for e in events if e["from"] == name and e["event"] in ("done", "failed")]
+    return sorted(found, key=lambda e: e["time"])
+
+
+def agent_cpu_s(agent):
+    """CPU seconds the agent process itself used (its children, jobs and migrations, not counted)."""
+    import psutil
+    try:
+        times = psutil.Process(agent.pid).cpu_times()
+        return times.user + times.system
+    except psutil.Error:
+        return None
 
 
 def run_policy(cluster, policy, trace, params, rate, out_dir):
@@ -50,14 +97,7 @@ def run_policy(cluster, policy, trace, params, rate, out_dir):
     from umig.errors import UmigError
     os.makedirs(out_dir, exist_ok=True)
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), PYTHONUNBUFFERED="1")
-    agents, logs = [], []
-    for i, (name, ep) in enumerate(zip(cluster.names, cluster.endpoints)):
-        log_path = os.path.join(out_dir, f"agent-{name}.log")
-        logs.append(log_path)
-        with open(log_path, "w") as log:
-            cmd = cluster.agent_prefix(i, *cluster.peers_of(i), "--interval", params["interval"], "--balance", policy)
-            agents.append(subprocess.Popen(cmd + [sys.executable, "-m", "umig", "agent", "--listen", ep, "--name", name],
-                                           stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env))
+    agents = start_agents(cluster, policy, params, out_dir, env)
     try:
         def joined():
             try:
@@ -66,7 +106,7 @@ def run_policy(cluster, policy, trace, params, rate, out_dir):
             except UmigError:
                 return False
         wait_for(joined, 60, "the agents to see each other")
-        started = time.time()
+        usage_before, busy_before, started = cluster.cpu_used_s(), host_busy_s(), time.time()
         submitted = []
         for job in sorted(trace, key=lambda j: j["arrival"]):
             time.sleep(max(0.0, started + job["arrival"] - time.time()))
@@ -88,7 +128,11 @@ def run_policy(cluster, policy, trace, params, rate, out_dir):
                     if record["state"] == "exited":
                         finals[name] = record
             return len(finals) == len(submitted)
-        wait_for(all_done, 900, "every job to end")
+        wait_for(all_done, 900, "every job to end", poll=POLL_S)
+        elapsed = time.time() - started
+        nodes_cpu_s, host_cpu_s = cluster.cpu_used_s() - usage_before, host_busy_s() - busy_before
+        migrations = own_migrations(cluster)
+        agents_cpu_s = [agent_cpu_s(a) for a in agents]
     finally:
         for a in agents:
             a.terminate()
@@ -99,10 +143,6 @@ def run_policy(cluster, policy, trace, params, rate, out_dir):
                 a.kill()
                 a.wait()
         cluster.kill_all()
-    frozen = []
-    for path in logs:
-        with open(path) as f:
-            frozen += [float(m[2]) for m in MIGRATED.finditer(f.read())]
     rows = []
     for job, name, _ in submitted:
         final = finals[name]
@@ -111,24 +151,63 @@ def run_policy(cluster, policy, trace, params, rate, out_dir):
         response = final["finished"] - final["started"]
         rows.append({"id": job["id"], "node": job["node"], "demand": job["demand"], "response": response,
                      "slowdown": response / job["demand"], "ended": final["ended"], "ran_on": final["node"],
-                     "complete": complete})
+                     "complete": complete, "job": name})
+    done = [m for m in migrations if m["event"] == "done"]
     failed = [r for r in rows if r["ended"] != ["status", 0] or not r["complete"]]
     return {"policy": policy, "mean_slowdown": statistics.mean(r["slowdown"] for r in rows),
             "mean_response_s": statistics.mean(r["response"] for r in rows),
             "makespan_s": max(finals[n]["finished"] for _, n, _ in submitted) - started,
-            "migrations": len(frozen), "frozen_s": sum(frozen), "failed_jobs": len(failed), "jobs": rows}
+            "migrations": len(done), "failed_migrations": len(migrations) - len(done),
+            "frozen_s": sum(m["frozen_s"] for m in done), "failed_jobs": len(failed),
+            # Where the CPU went while the jobs ran: the nodes' cgroups (jobs, agents, migrations)
+            # against the whole host, whose excess is other work sharing the machine.
+            "elapsed_s": elapsed, "nodes_cores": nodes_cpu_s / elapsed, "host_cores": host_cpu_s / elapsed,
+            "agents_cpu_s": agents_cpu_s, "migration_log": migrations, "jobs": rows}
 
 
-def table(results):
-    lines = ["| policy | mean slowdown | mean response (s) | makespan (s) | migrations | frozen total (s) | failed |",
-             "|---|---|---|---|---|---|---|"]
-    for r in results:
-        lines.append(f"| {r['policy']} | {r['mean_slowdown']:.2f} | {r['mean_response_s']:.2f} | {r['makespan_s']:.1f} "
-                     f"| {r['migrations']} | {r['frozen_s']:.3f} | {r['failed_jobs']} |")
-    return "\n".join(lines)
+# --------------------------------------------------------------------------- reports
+
+METRICS = (("mean_slowdown", "mean slowdown", "{:.2f}"), ("mean_response_s", "mean response (s)", "{:.2f}"),
+           ("makespan_s", "makespan (s)", "{:.1f}"), ("migrations", "migrations", "{:.0f}"),
+           ("frozen_s", "frozen total (s)", "{:.2f}"))
 
 
-def plot(results, path):
+def spread(values, fmt):
+    """'mean ± standard deviation' (just the value for one)."""
+    if len(values) == 1:
+        return fmt.format(values[0])
+    return f"{fmt.format(statistics.mean(values))} ± {fmt.format(statistics.stdev(values))}"
+
+
+def change(runs, policy, baseline):
+    """Per seed, the relative change of mean slowdown of `policy` against `baseline`."""
+    return [by_policy[policy]["mean_slowdown"] / by_policy[baseline]["mean_slowdown"] - 1
+            for by_policy in runs.values() if policy in by_policy and baseline in by_policy]
+
+
+def tables(runs, policies):
+    """Markdown: one table per seed, then the summary across seeds."""
+    out = []
+    for seed, by_policy in runs.items():
+        out += [f"seed {seed}:", "", "| policy | " + " | ".join(label for _, label, _ in METRICS)
+                + " | failed jobs | host cores busy |", "|---" * (len(METRICS) + 3) + "|"]
+        for policy in policies:
+            r = by_policy[policy]
+            out.append(f"| {policy} | " + " | ".join(fmt.format(r[key]) for key, _, fmt in METRICS)
+                       + f" | {r['failed_jobs']} | {r['host_cores']:.2f} |")
+        out.append("")
+    out += [f"across {len(runs)} seed(s), mean ± standard deviation:", "",
+            "| policy | " + " | ".join(label for _, label, _ in METRICS) + " | slowdown vs none | vs threshold |",
+            "|---" * (len(METRICS) + 3) + "|"]
+    for policy in policies:
+        cells = [spread([by_policy[policy][key] for by_policy in runs.values()], fmt) for key, _, fmt in METRICS]
+        against = [spread([100 * c for c in change(runs, policy, base)], "{:+.0f}") + " %"
+                   if policy != base and change(runs, policy, base) else "" for base in ("none", "threshold")]
+        out.append(f"| {policy} | " + " | ".join(cells + against) + " |")
+    return "\n".join(out)
+
+
+def plot(runs, policies, path):
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -136,11 +215,13 @@ def plot(results, path):
     except ImportError:
         print("no matplotlib: no plot", file=sys.stderr)
         return
-    names = [r["policy"] for r in results]
-    fig, axes = plt.subplots(1, 4, figsize=(13, 3.2))
-    for ax, key, label in zip(axes, ("mean_slowdown", "mean_response_s", "makespan_s", "migrations"),
-                              ("mean slowdown", "mean response (s)", "makespan (s)", "migrations")):
-        ax.bar(names, [r[key] for r in results], color=["#888", "#4a7", "#47a", "#a74"][:len(names)])
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(3.3 * len(METRICS), 3.2))
+    for ax, (key, label, _) in zip(axes, METRICS):
+        per_seed = [[by_policy[p][key] for by_policy in runs.values()] for p in policies]
+        ax.bar(policies, [statistics.mean(v) for v in per_seed], color=["#888", "#4a7", "#47a", "#a74"][:len(policies)],
+               yerr=[statistics.stdev(v) if len(v) > 1 else 0 for v in per_seed], capsize=3)
+        for x, values in enumerate(per_seed):  # each seed as a dot over its bar
+            ax.plot([x] * len(values), values, "k.", markersize=4)
         ax.set_title(label)
         ax.tick_params(axis="x", labelrotation=30)
     fig.tight_layout()
@@ -149,37 +230,56 @@ def plot(results, path):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="a small trace: a smoke test")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="a small trace on three nodes: a smoke test")
+    size.add_argument("--long", action="store_true", help=f"{LONG['jobs']} jobs and {len(LONG['seeds'])} seeds")
     p.add_argument("--policies", nargs="+", default=list(POLICIES))
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seeds", nargs="+", type=int, help="one trace per seed")
+    p.add_argument("--jobs", type=int, help="jobs per trace")
+    p.add_argument("--utilisation", type=float, help="work offered per second as a fraction of the cluster's cores")
+    p.add_argument("--capacities", nargs="+", type=float, help="cores of each node (one node each)")
+    p.add_argument("--weights", nargs="+", type=float, help="share of arrivals at each node")
     p.add_argument("--out", default=os.path.join(HERE, "results"), help="directory for the results")
     args = p.parse_args()
-    params = dict(QUICK if args.quick else DEFAULT)
-    if args.seed is not None:
-        params["seed"] = args.seed
-    trace = jobtrace.generate(params["seed"], params["jobs"], params["duration"], params["alpha"], params["xm"],
-                              params["cap"], params["weights"])
+    params = dict(QUICK if args.quick else LONG if args.long else DEFAULT)
+    for key in ("seeds", "jobs", "utilisation", "capacities", "weights"):
+        if getattr(args, key) is not None:
+            params[key] = getattr(args, key)
+    if len(params["weights"]) != len(params["capacities"]):
+        p.error(f"{len(params['weights'])} weights for {len(params['capacities'])} nodes: give one per node")
+    if params["utilisation"] <= 0:
+        p.error(f"--utilisation must be above 0, not {params['utilisation']:g}")
     rate = calibrate()
-    print(f"trace: {len(trace)} jobs, {sum(j['demand'] for j in trace):.1f} CPU s over {trace[-1]['arrival']:.1f} s, "
-          f"per node {[sum(1 for j in trace if j['node'] == k) for k in range(3)]}; capacities {params['capacities']}; "
+    capacity = sum(params["capacities"])
+    traces = {seed: jobtrace.generate(seed, params["jobs"], params["utilisation"], capacity, params["alpha"],
+                                      params["xm"], params["cap"], params["weights"]) for seed in params["seeds"]}
+    print(f"{len(params['capacities'])} nodes of {params['capacities']} cores, utilisation {params['utilisation']:g}, "
           f"{rate} iterations per CPU second", flush=True)
+    for seed, trace in traces.items():
+        print(f"seed {seed}: {len(trace)} jobs, {sum(j['demand'] for j in trace):.1f} CPU s over "
+              f"{trace[-1]['arrival']:.1f} s, per node "
+              f"{[sum(1 for j in trace if j['node'] == k) for k in range(len(params['capacities']))]}", flush=True)
     cluster = EmulatedCluster(params["capacities"]).create()
-    results = []
+    runs = {}
     try:
         cluster.enter_hub()
-        for policy in args.policies:
-            t = time.monotonic()
-            results.append(run_policy(cluster, policy, trace, params, rate, os.path.join(args.out, policy)))
-            print(f"{policy}: done in {time.monotonic() - t:.0f} s", flush=True)
+        for seed, trace in traces.items():
+            for policy in args.policies:
+                t = time.monotonic()
+                runs.setdefault(seed, {})[policy] = run_policy(cluster, policy, trace, params, rate,
+                                                               os.path.join(args.out, f"seed-{seed}", policy))
+                print(f"seed {seed} {policy}: done in {time.monotonic() - t:.0f} s", flush=True)
     finally:
         cluster.remove()
-    print(table(results))
-    summary = {"params": params, "calibration_iterations_per_cpu_s": rate, "trace": trace, "results": results}
+    print(tables(runs, args.policies))
+    summary = {"params": params, "calibration_iterations_per_cpu_s": rate, "traces": traces, "runs": runs}
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    plot(results, os.path.join(args.out, "results.png"))
-    print(f"results in {args.out}/results.json and results.png")
-    return 1 if any(r["failed_jobs"] for r in results) else 0
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(tables(runs, args.policies) + "\n")
+    plot(runs, args.policies, os.path.join(args.out, "results.png"))
+    print(f"results in {args.out}/results.json, results.md and results.png")
+    return 1 if any(r["failed_jobs"] for by_policy in runs.values() for r in by_policy.values()) else 0
 
 
 if __name__ == "__main__":

@@ -167,9 +167,10 @@ def test_experiment_quick(emulated_ok, tmp_path):
     r = subprocess.run([sys.executable, str(REPO / "experiments" / "experiment.py"), "--quick", "--out", str(tmp_path)],
                        capture_output=True, text=True, timeout=300, env=umig_env(), cwd=tmp_path)
     assert r.returncode == 0, f"{r.stdout}\n{r.stderr}"
-    results = json.loads((tmp_path / "results.json").read_text())["results"]
-    assert [x["policy"] for x in results] == ["none", "threshold", "age", "memory"]
-    for x in results:
+    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert list(runs) == ["1"] and list(runs["1"]) == ["none", "threshold", "age", "memory"], runs.keys()
+    for x in runs["1"].values():
         assert x["failed_jobs"] == 0 and len(x["jobs"]) == 8, x
         assert x["migrations"] == 0 or x["policy"] in ("threshold", "age"), x
-    assert "| age |" in r.stdout
+        assert x["migrations"] == len([m for m in x["migration_log"] if m["event"] == "done"]), x
+    assert "| age |" in r.stdout and "across 1 seed(s)" in r.stdout, r.stdout
