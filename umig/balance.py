@@ -153,12 +153,13 @@ class Balancer:
         self.guards.started(m, view.now)
         if job:
             self.jobs.migrating(job)
-        self.running = (m, proc, job, age, target)
-        self.events.append({"time": time.time(), "event": "start", "pid": m.pid, "job": m.job, "from": m.source,
-                            "to": m.target, "policy": self.policy_name, "reason": m.reason})
+        about = {"pid": m.pid, "job": m.job, "from": m.source, "to": m.target, "policy": self.policy_name,
+                 "age": age, "rss": m.rss}
+        self.running = (m, proc, job, age, target, about)
+        self.events.append(dict(about, time=time.time(), event="start", reason=m.reason))
 
     def _collect(self):
-        m, proc, job, age, target = self.running
+        m, proc, job, age, target, about = self.running
         if proc.poll() is None:
             return
         self.running = None
@@ -169,7 +170,7 @@ class Balancer:
                 info = json.loads(out)
             except ValueError:
                 err = f"unreadable answer {out[:200]!r}"
-        event = {"time": time.time(), "pid": m.pid, "job": m.job, "from": m.source, "to": m.target}
+        event = dict(about, time=time.time())
         if info:
             event.update(event="done", target_pid=info["target_pid"], frozen_s=info["frozen_s"],
                          total_s=info["total_s"])
@@ -211,9 +212,12 @@ def attach(agent, options):
     balancer = Balancer(agent, view, registry, policy, guards)
     agent.tickers[:0] = [view.tick, balancer.tick]
 
+    node.migrations = balancer.events  # published with every sample, for the peers' views
+
     def nodes(identity, meta):
+        now = view.view()
         agent.reply(identity, "nodes", policy=balancer.policy_name, events=list(balancer.events),
-                    **view.view().to_json())
+                    migrations=cluster.recent_migrations(now.migrations, balancer.events), **now.to_json())
     agent.services["nodes"] = nodes
     if balancer.policy_name != "none":
         agent.log(f"balance: policy {balancer.policy_name}, peers {', '.join(view.peer_endpoints) or 'none'}")

@@ -24,6 +24,7 @@ from umig.errors import UmigError
 from umig.transport import endpoint as agent_endpoint
 
 DEFAULT_INTERVAL = 1.0
+PUBLISHED_MIGRATIONS = 10  # a node's most recent migration events travel with each of its samples
 DEFAULT_TIMEOUT = 5.0
 CGROUP_ROOT = "/sys/fs/cgroup"
 TOPIC = b"load"
@@ -126,6 +127,7 @@ class Node:
         self.name = name
         self.endpoint = agent_endpoint(listen)
         self.jobs = jobs
+        self.migrations = ()  # this node's migration events, oldest first (the balancer's)
         self.rules = rules or Rules()
         self.cpu_cgroup = cgroup_path("cpu")
         self.acct_cgroup = cgroup_path("cpuacct")
@@ -239,7 +241,8 @@ class Node:
                 "cores": self.cores, "quota": self.quota, "capacity": self.capacity,
                 "runq": runq, "load": runq / self.capacity, "loadavg": list(os.getloadavg()),
                 "cpu": self._utilisation(), "mem_total": total, "mem_free": free, "processes": processes,
-                "last_in": self.jobs.last_adopted if self.jobs is not None else 0.0}
+                "last_in": self.jobs.last_adopted if self.jobs is not None else 0.0,
+                "migrations": list(self.migrations)[-PUBLISHED_MIGRATIONS:]}
 
 
 # --------------------------------------------------------------------------- the view
@@ -260,8 +263,20 @@ class View:
     def peers(self):
         return [n for name, n in sorted(self.nodes.items()) if name != self.local]
 
+    @property
+    def migrations(self):
+        """The recent migration events of every node in the view, oldest first."""
+        return recent_migrations(*(n.get("migrations", ()) for n in self.nodes.values()))
+
     def to_json(self):
         return {"local": self.local, "time": self.now, "nodes": self.nodes}
+
+
+def recent_migrations(*event_lists):
+    """Migration events gathered from several places, each once, oldest first. An event is
+    made by the node that sends the process, so its sender, process, kind and time name it."""
+    unique = {(e["from"], e["pid"], e["event"], e["time"]): e for events in event_lists for e in events}
+    return sorted(unique.values(), key=lambda e: e["time"])
 
 
 class Cluster:

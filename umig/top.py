@@ -1,11 +1,14 @@
 """umig top: the cluster as one agent sees it, redrawn every interval: per node its load, CPU
-and memory bars and its eligible processes; below, the migrations as they happen."""
+and memory bars and its eligible processes; below, the migrations as they happen anywhere in
+the cluster (each agent publishes its recent ones with its load)."""
 import shutil
 import sys
 import time
 
 from umig import jobs
 from umig.errors import UmigError
+
+MIGRATIONS_SHOWN = 10
 
 
 def bar(fraction, width=20):
@@ -33,11 +36,12 @@ def render(view, width=100):
             job = f" job {p['job']}" if p.get("job") else ""
             lines.append(f"    {p['pid']:>7} {p['name'][:15]:<15} age {p['cpu_age']:7.1f} s  rss "
                          f"{_size(p['rss']):>5}{job}  {state}"[:width])
-    lines += ["", "migrations:"]
-    for e in list(view.get("events", ()))[-10:]:
+    lines += ["", "migrations in the cluster:"]
+    for e in list(view.get("migrations", ()))[-MIGRATIONS_SHOWN:]:
         when = time.strftime("%H:%M:%S", time.localtime(e["time"]))
         what = {"start": f"moving ({e.get('policy')}: {e.get('reason', '')})",
-                "done": f"done as pid {e.get('target_pid')}, frozen {e.get('frozen_s', 0):.3f} s",
+                "done": f"done as pid {e.get('target_pid')}, frozen {e.get('frozen_s', 0):.3f} s of "
+                        f"{e.get('total_s', 0):.3f} s",
                 "failed": f"failed: {e.get('reason')}"}.get(e["event"], e["event"])
         lines.append(f"  {when} pid {e['pid']} {e['from']} -> {e['to']} {what}"[:width])
     return lines
