@@ -13,7 +13,9 @@ migrated process checks every page it owns; a row whose check fails is a failed 
 
 Modes: stop-and-copy (``umig migrate``), and ``--live`` / ``--lazy`` where ``umig migrate
 --help`` offers them. With a working CRIU (``criu check`` passes) the same workloads also
-go through ``criu dump`` + ``criu restore`` with images in tmpfs.
+go through ``criu dump`` + ``criu restore`` with images in tmpfs, and, next to ``--lazy``,
+through CRIU's lazy-pages over its page server (which needs fs.pipe-max-size >= 4 MiB:
+``--raise-pipe-max-size`` raises it for the run).
 
 Every row gets a fresh agent on a free loopback port, so its CPU time and peak RSS
 belong to that row alone. Results: a table with targets, benchmarks/results/NAME.json,
@@ -25,6 +27,7 @@ import ctypes
 import json
 import os
 import platform
+import select
 import shutil
 import signal
 import subprocess
@@ -39,8 +42,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from umig.demo import (  # noqa: E402  (after the path fix-up)
-    Agent, Cleanup, DemoError, alive, compile_c, parse_json_output, preflight, say,
-    umig_command, wait_dead,
+    Agent, Cleanup, DemoError, alive, compile_c, free_port, ns_pids, parse_json_output,
+    preflight, say, umig_command, wait_dead,
 )
 
 RESULTS_DIR = os.path.join(HERE, "results")
@@ -58,6 +61,9 @@ SPARSE_VIRT_MIB = 64 * 1024
 SPARSE_TOUCH_MIB = 10
 # CRIU's lazy-pages moves pages through pipes this large (see docs/performance.md).
 CRIU_LAZY_PIPE_MIN = 4 * MIB
+PIPE_MAX_SIZE = "/proc/sys/fs/pipe-max-size"
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+PIDNS_INIT = os.path.join(HERE, "pidns_init.py")
 
 
 # --------------------------------------------------------------------------- workloads
@@ -144,46 +150,65 @@ def report(pid, rundir, timeout):
 
 # --------------------------------------------------------------------------- measuring
 
-def run_measured(cmd, timeout):
-    """Run cmd to completion. Returns (exit code, stdout, stderr, wall s, CPU s, peak RSS
-    bytes); CPU and peak RSS come from wait4's rusage (the kernel's hiwater RSS, what
-    VmHWM showed while it ran), so they include the children it waited for."""
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        started = time.monotonic()
-        # A session of its own: a Ctrl-C reaches it once, from us, below.
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                start_new_session=True)
-        done = {}
+class Measured:
+    """A command running in a session of its own, reaped with wait4 so that its CPU time
+    and peak RSS (the kernel's hiwater RSS, what VmHWM showed while it ran) are known,
+    children it waited for included. `stop_signals` end it when it must stop early."""
 
-        def reap():
-            _, status, usage = os.wait4(proc.pid, 0)
-            done["status"], done["usage"] = status, usage
+    def __init__(self, cmd, pass_fds=(), stop_signals=(signal.SIGINT, signal.SIGKILL)):
+        self.cmd, self.stop_signals = cmd, stop_signals
+        self.out, self.err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+        self.started = time.monotonic()
+        # A session of its own: a Ctrl-C reaches it once, from us, in stop().
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self.out,
+                                     stderr=self.err, start_new_session=True, pass_fds=pass_fds)
+        self.done = {}
+        self.waiter = threading.Thread(target=self._reap, daemon=True)
+        self.waiter.start()
 
-        waiter = threading.Thread(target=reap, daemon=True)
-        waiter.start()
+    def _reap(self):
+        _, status, usage = os.wait4(self.proc.pid, 0)
+        self.done.update(status=status, usage=usage, ended=time.monotonic())
+
+    def running(self):
+        return self.waiter.is_alive()
+
+    def finish(self, timeout):
+        """Wait for the end. Returns (exit code, stdout, stderr, wall s, CPU s, peak RSS
+        bytes); stops the command if it does not end in time, or on any error."""
         try:
-            waiter.join(timeout)
-            if waiter.is_alive():
-                raise DemoError(f"`{' '.join(map(str, cmd[:4]))} ...` did not finish in {timeout:.0f} s")
+            self.waiter.join(timeout)
+            if self.waiter.is_alive():
+                raise DemoError(f"`{' '.join(map(str, self.cmd[:4]))} ...` did not finish "
+                                f"in {timeout:.0f} s")
         except BaseException:
-            # SIGINT first: an interrupted migration must leave its source running.
-            for sig, grace in ((signal.SIGINT, 10), (signal.SIGKILL, 10)):
-                if not waiter.is_alive():
-                    break
-                try:
-                    os.kill(proc.pid, sig)
-                except ProcessLookupError:
-                    pass
-                waiter.join(grace)
+            self.stop()
             raise
-        wall = time.monotonic() - started
-        proc.returncode = os.waitstatus_to_exitcode(done["status"])  # Popen must not wait again
-        usage = done["usage"]
-        out.seek(0)
-        err.seek(0)
-        return (proc.returncode, out.read().decode(errors="replace"),
-                err.read().decode(errors="replace"), wall, usage.ru_utime + usage.ru_stime,
-                usage.ru_maxrss * 1024)
+        status, usage = self.done["status"], self.done["usage"]
+        self.proc.returncode = os.waitstatus_to_exitcode(status)  # Popen must not wait again
+        outputs = []
+        for f in (self.out, self.err):
+            f.seek(0)
+            outputs.append(f.read().decode(errors="replace"))
+            f.close()
+        return (self.proc.returncode, *outputs, self.done["ended"] - self.started,
+                usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024)
+
+    def stop(self):
+        # SIGINT first by default: an interrupted migration must leave its source running.
+        for sig in self.stop_signals:
+            if not self.waiter.is_alive():
+                break
+            try:
+                os.kill(self.proc.pid, sig)
+            except ProcessLookupError:
+                pass
+            self.waiter.join(10)
+
+
+def run_measured(cmd, timeout):
+    """Run cmd to completion: Measured.finish's figures."""
+    return Measured(cmd).finish(timeout)
 
 
 def cpu_seconds(pid):
@@ -297,17 +322,44 @@ def criu_status(criu):
     return path, None
 
 
-def criu_lazy_problem():
-    """Why the CRIU lazy-pages rows do not run. They need fs.pipe-max-size >= 4 MiB, which
-    the machines this harness was written on lack (and it changes no sysctls), so the
-    sequence was never exercised; rows that never ran are not offered as figures."""
+def read_pipe_max_size():
+    with open(PIPE_MAX_SIZE) as f:
+        return int(f.read())
+
+
+def write_pipe_max_size(value):
+    with open(PIPE_MAX_SIZE, "w") as f:
+        f.write(str(value))
+
+
+def prepare_criu_lazy(args, cleanup):
+    """Why the CRIU lazy-pages rows cannot run, or None. CRIU's page server moves the
+    pages through pipes of CRIU_LAZY_PIPE_MIN bytes, more than fs.pipe-max-size allows on
+    some hosts; with --raise-pipe-max-size the sysctl is raised for the run and `cleanup`
+    puts the old value back, whatever way the run ends."""
     try:
-        with open("/proc/sys/fs/pipe-max-size") as f:
-            size = f"{int(f.read()) // 1024} KiB"
-    except OSError:
-        size = "unknown"
-    return (f"not in the harness: CRIU lazy-pages needs fs.pipe-max-size >= "
-            f"{CRIU_LAZY_PIPE_MIN // MIB} MiB (here {size}), so it was never exercised")
+        size = read_pipe_max_size()
+    except OSError as e:
+        return f"fs.pipe-max-size unreadable: {e}"
+    if size >= CRIU_LAZY_PIPE_MIN:
+        return None
+    need = f"CRIU lazy-pages needs fs.pipe-max-size >= {CRIU_LAZY_PIPE_MIN // MIB} MiB " \
+           f"(here {size // 1024} KiB)"
+    if not args.raise_pipe_max_size:
+        return f"{need}; --raise-pipe-max-size raises it for the run"
+    try:
+        write_pipe_max_size(CRIU_LAZY_PIPE_MIN)
+    except OSError as e:
+        return f"{need}, and raising it failed: {e}"
+    cleanup.add(f"put fs.pipe-max-size back to {size}", restore_pipe_max_size, size)
+    say(f"fs.pipe-max-size raised from {size} to {CRIU_LAZY_PIPE_MIN} for the CRIU lazy-pages "
+        "rows (--raise-pipe-max-size); it is put back when the run ends")
+    return None
+
+
+def restore_pipe_max_size(size):
+    write_pipe_max_size(size)
+    say(f"fs.pipe-max-size put back to {read_pipe_max_size()}")
 
 
 # --------------------------------------------------------------------------- one row
@@ -328,11 +380,37 @@ def start_workload(workload, binaries, rundir):
     return proc, parse_report(ready), baseline
 
 
-def frozen_figures(row, after, window):
-    """The process's own view: its longest gap since the check before the move."""
+def clock_offset(pid):
+    """The CLOCK_MONOTONIC offset of PID's time namespace in seconds (0 in the host's).
+    CRIU restores into a time namespace whose clock goes on from the value its dump read,
+    so that the process's clock skips the time from that reading to the restore."""
+    try:
+        with open(f"/proc/{pid}/timens_offsets") as f:
+            for line in f:
+                name, sec, nsec = line.split()
+                if name == "monotonic":
+                    return int(sec) + int(nsec) / 1e9
+    except OSError:
+        pass
+    return 0.0
+
+
+def frozen_figures(row, after, window, offset=0.0, clock_read_by=None):
+    """The process's own view: its longest gap since the check before the move. With a
+    clock `offset` (see clock_offset) the gap's end is moved back onto the host's clock,
+    and a gap that began before the dump read the clock (which it did by `clock_read_by`)
+    spans the move: it gets the skipped time back. A longest gap that began later hides the
+    shortened one that spanned the move, which lasted at least the skipped time: that
+    lower bound is the figure then (`frozen_at_least`)."""
     gap_s = after["max_gap_ns"] / 1e9
     gap_end = after["gap_end_ns"] / 1e9
-    row["frozen_s"] = gap_s
+    spans = gap_end - gap_s < clock_read_by if offset else True
+    if offset and spans:
+        gap_s -= offset
+    gap_end -= offset
+    row["frozen_at_least"] = not spans and -offset > gap_s
+    row["frozen_s"] = max(gap_s, -offset)
+    row["clock_offset_s"] = offset
     # Did that gap fall inside the move (monotonic clocks are shared on one host)?
     row["gap_in_window"] = gap_end >= window[0] and gap_end - gap_s <= window[1] + 0.05
     row["iterations"] = after.get("iterations")
@@ -402,6 +480,145 @@ def image_bytes(images):
                if n.startswith("pages-") and n.endswith(".img"))
 
 
+def pagemap_lazy_pages(images):
+    """How many pages CRIU's pagemap images mark lazy: those its page server hands out.
+    An image is 8 bytes of magic, then records of a 32-bit length and a protobuf message:
+    a head, then one entry per run of pages (2: page count, 5: a wider page count,
+    4: flags)."""
+    pe_lazy = 1 << 1
+    total = 0
+    for name in os.listdir(images):
+        if not (name.startswith("pagemap-") and name.endswith(".img")):
+            continue
+        with open(os.path.join(images, name), "rb") as f:
+            data = f.read()
+        pos = 8
+        first = True
+        while pos + 4 <= len(data):
+            size = int.from_bytes(data[pos:pos + 4], "little")
+            fields = protobuf_varints(data[pos + 4:pos + 4 + size])
+            pos += 4 + size
+            if not first and fields.get(4, 0) & pe_lazy:
+                total += fields.get(5, fields.get(2, 0))
+            first = False
+    return total
+
+
+def protobuf_varints(message):
+    """{field number: value} of a protobuf message's varint fields (all that a pagemap
+    entry has)."""
+    fields, pos = {}, 0
+    while pos < len(message):
+        key, pos = varint(message, pos)
+        if key & 7 != 0:
+            raise DemoError(f"unexpected protobuf wire type {key & 7} in a CRIU pagemap")
+        fields[key >> 3], pos = varint(message, pos)
+    return fields
+
+
+def varint(data, pos):
+    value = shift = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return value, pos
+
+
+def start_until_ready(cmd, timeout, started):
+    """Start a CRIU command that reports readiness on --status-fd (a dump that serves lazy
+    pages, the lazy-pages daemon) and wait for it: returns its Measured."""
+    read_end, write_end = os.pipe()
+    try:
+        m = Measured([*cmd, "--status-fd", str(write_end)], pass_fds=(write_end,))
+        started.append(m)
+        os.close(write_end)
+        write_end = None
+        ready, _, _ = select.select([read_end], [], [], timeout)
+        # A command that fails closes the pipe without a word.
+        if not ready or os.read(read_end, 1) != b"\0":
+            raise DemoError(f"criu {cmd[1]} was not ready after {timeout:.0f} s" if not ready
+                            else f"criu {cmd[1]} ended before it was ready")
+        return m
+    finally:
+        os.close(read_end)
+        if write_end is not None:
+            os.close(write_end)
+
+
+def criu_dump_restore(criu, proc, images, timeout, started):
+    """criu dump, then criu restore -d once the dumped source has freed its PID."""
+    dump = Measured(criu_cmd(criu, "dump", images, "-t", proc.pid))
+    started.append(dump)
+    rc, _, _, dump_wall, dump_cpu, dump_rss = dump.finish(timeout)
+    if rc != 0:
+        raise DemoError(f"criu dump failed (exit {rc}): {criu_log(images, 'dump')}")
+    proc.wait(timeout=10)
+    rc, _, _, restore_wall, restore_cpu, restore_rss = run_measured(
+        criu_cmd(criu, "restore", images, "-d"), timeout)
+    if rc != 0:
+        raise DemoError(f"criu restore failed (exit {rc}): {criu_log(images, 'restore')}")
+    return dict(target_pid=proc.pid, clock_read_by=dump.done["ended"],
+                total_s=dump_wall + restore_wall, bytes=image_bytes(images),
+                bytes_source="CRIU pages-*.img sizes", cpu_s=dump_cpu + restore_cpu,
+                client_peak_rss=max(dump_rss, restore_rss))
+
+
+def criu_lazy_pages(criu, proc, images, timeout, started):
+    """Post-copy, CRIU's way: `criu dump --lazy-pages` writes the images without the
+    pages it may leave behind and serves those on a port, keeping the source frozen until
+    they are all gone. The target side gets a copy of that images directory, runs
+    `criu lazy-pages --page-server`, which fetches the pages from the port (those the
+    process faults on first, the rest in the background), and `criu restore --lazy-pages
+    -d`. Source and target share one host and the source keeps its PID to the end, so
+    the restore runs in a fresh PID namespace (the process keeps its PID inside it, as
+    under umig)."""
+    port = free_port()
+    dump = start_until_ready(
+        criu_cmd(criu, "dump", images, "-t", proc.pid, "--lazy-pages",
+                 "--address", "127.0.0.1", "--port", port), timeout, started)
+    clock_read_by = time.monotonic()
+    target = images + "-target"
+    shutil.copytree(images, target, ignore=shutil.ignore_patterns("*.log"))
+    try:
+        lazy = start_until_ready(
+            criu_cmd(criu, "lazy-pages", target, "--page-server",
+                     "--address", "127.0.0.1", "--port", port), timeout, started)
+        status = os.path.join(target, "restore.status")
+        # unshare ignores SIGINT while it waits; its SIGKILL takes the namespace along.
+        restore = Measured(["unshare", "--pid", "--fork", "--mount-proc", "--kill-child",
+                            sys.executable, PIDNS_INIT, status,
+                            *criu_cmd(criu, "restore", target, "--lazy-pages", "-d")],
+                           stop_signals=(signal.SIGKILL,))
+        started.append(restore)
+        rc, restore_cpu, restore_rss = map(float, wait_for_file(
+            status, timeout, restore.proc.pid).split())
+        if rc != 0:
+            raise DemoError(f"criu restore failed (exit {rc:.0f}): {criu_log(target, 'restore')}")
+        # The namespace's init and the process both have the source's PID in there.
+        restored = [p.pid for p in psutil.Process(restore.proc.pid).children(recursive=True)
+                    if ns_pids(p.pid)[-1:] == [proc.pid]]
+        if not restored:
+            raise DemoError("criu restore succeeded, but its process is gone")
+        figures = dict(target_pid=restored[-1], clock_read_by=clock_read_by)
+        cpu, rss = restore_cpu, restore_rss
+        for verb, m, where in (("lazy-pages", lazy, target), ("dump", dump, images)):
+            rc, _, _, _, c, r = m.finish(timeout)
+            if rc != 0:
+                raise DemoError(f"criu {verb} failed (exit {rc}): {criu_log(where, verb)}")
+            cpu, rss = cpu + c, max(rss, r)
+        figures.update(
+            total_s=max(lazy.done["ended"], dump.done["ended"]) - dump.started,
+            bytes=image_bytes(images) + pagemap_lazy_pages(images) * PAGE_SIZE,
+            bytes_source="CRIU pages-*.img sizes + the pages its pagemap marks lazy",
+            cpu_s=cpu, client_peak_rss=int(rss))
+        return figures
+    finally:
+        shutil.rmtree(target, ignore_errors=True)
+
+
 def bench_criu(workload, mode, binaries, workdir, run, criu):
     row = Row(workload=workload.kind, label=workload.label, size_mib=workload.size_mib,
               tool="criu", mode=mode, run=run)
@@ -409,36 +626,30 @@ def bench_criu(workload, mode, binaries, workdir, run, criu):
     # tmpfs, so CRIU is not measured against a disk.
     images = tempfile.mkdtemp(prefix="umig-bench-criu-", dir="/dev/shm")
     proc = None
+    started = []
     timeout = 120 + workload.size_mib / 10
+    move = criu_dump_restore if mode == "dump" else criu_lazy_pages
     try:
         proc, _, baseline = start_workload(workload, binaries, rundir)
-        pid = proc.pid
-        row["source_pid"] = row["target_pid"] = pid
+        row["source_pid"] = proc.pid
         row["baseline_gap_s"] = baseline["max_gap_ns"] / 1e9
         window = [time.monotonic()]
-        steps = [("dump", criu_cmd(criu, "dump", images, "-t", pid)),
-                 ("restore", criu_cmd(criu, "restore", images, "-d"))]
-        wall = cpu = rss = 0.0
-        for verb, cmd in steps:
-            if verb == "restore":
-                proc.wait(timeout=10)  # the dumped source must free its PID first
-            rc, out, err, w, c, r = run_measured(cmd, timeout)
-            if rc != 0:
-                raise DemoError(f"criu {verb} failed (exit {rc}): {criu_log(images, verb)}")
-            wall, cpu, rss = wall + w, cpu + c, max(rss, r)
+        figures = move(criu, proc, images, timeout, started)
         window.append(time.monotonic())
-        after = report(pid, rundir, workload.fill_timeout())
-        frozen_figures(row, after, window)
-        row.update(ok=True, total_s=wall, tool_frozen_s=None, cli_wall_s=wall,
-                   bytes=image_bytes(images), bytes_source="CRIU pages-*.img sizes",
-                   cpu_s=cpu, client_cpu_s=cpu, agent_cpu_s=0.0,
-                   client_peak_rss=rss, agent_peak_rss=None)
-        row["gb_per_s"] = row["bytes"] / wall / 1e9 if wall > 0 else None
+        row["target_pid"] = target_pid = figures.pop("target_pid")
+        after = report(target_pid, rundir, workload.fill_timeout())
+        frozen_figures(row, after, window, clock_offset(target_pid), figures.pop("clock_read_by"))
+        row.update(ok=True, tool_frozen_s=None, cli_wall_s=figures["total_s"],
+                   client_cpu_s=figures["cpu_s"], agent_cpu_s=0.0, agent_peak_rss=None,
+                   **figures)
+        row["gb_per_s"] = row["bytes"] / row["total_s"] / 1e9 if row["total_s"] > 0 else None
         return row
-    except (DemoError, subprocess.TimeoutExpired) as e:
+    except (DemoError, subprocess.TimeoutExpired, psutil.Error) as e:
         return row.fail(e)
     finally:
-        end_processes(proc)
+        for m in started:
+            m.stop()
+        end_processes(proc, row.get("target_pid"))
         reap_orphans()
         shutil.rmtree(images, ignore_errors=True)
         shutil.rmtree(rundir, ignore_errors=True)
@@ -491,15 +702,18 @@ def print_table(rows):
             cells = head + ["FAILED: " + [ln for ln in r["error"].splitlines() if ln.strip()][0][:90]]
         else:
             gbps = "-" if r.get("gb_per_s") is None else f"{r['gb_per_s']:.2f}"
-            frozen = ms(r["frozen_s"]) + ("" if r["gap_in_window"] else "?")
+            frozen = (">" if r.get("frozen_at_least") else "") + ms(r["frozen_s"]) \
+                + ("" if r["gap_in_window"] else "?")
             cells = head + [ms(r["total_s"]), frozen, ms(r.get("tool_frozen_s")), mib(r["bytes"]),
                             gbps, f"{r['cpu_s']:.2f}", mib(r.get("agent_peak_rss")),
                             mib(r.get("client_peak_rss")), "ok"]
         say(" ".join(f"{c:{a}{w}}" for c, (_, w, a) in zip(cells, cols)))
     say()
-    say("total: the tool's own total (umig --json total_s; CRIU: dump + restore wall time).")
-    say("frozen: the longest gap in the process's own CLOCK_MONOTONIC loop (a '?' marks a gap")
-    say("  outside the migration's window, i.e. the move froze it less than some other hiccup);")
+    say("total: the tool's own total (umig --json total_s; CRIU: dump + restore wall time,")
+    say("  lazy-pages: until its last page arrived).")
+    say("frozen: the longest gap in the process's own CLOCK_MONOTONIC loop, plus what CRIU's time")
+    say("  namespace hid of it ('>': at least; a '?' marks a gap outside the migration's window,")
+    say("  i.e. the move froze it less than some other hiccup);")
     say("  (tool): what umig reports as frozen_s. moved: umig's --json bytes (page payload) or")
     say("  the size of CRIU's page images. CPU: agent + client, children included. agent/client")
     say("  MiB: peak RSS (VmHWM). check: the migrated process verified all of its memory.")
@@ -636,6 +850,9 @@ def parse_args(argv):
     p.add_argument("--repeat", type=int, default=1, help="runs per row (default 1)")
     p.add_argument("--criu", default="criu", help="the criu binary (default: criu on PATH)")
     p.add_argument("--no-criu", action="store_true", help="leave CRIU out")
+    p.add_argument("--raise-pipe-max-size", action="store_true",
+                   help="for the CRIU lazy-pages rows, raise the sysctl fs.pipe-max-size to "
+                        f"{CRIU_LAZY_PIPE_MIN // MIB} MiB if it is lower, and put it back at the end")
     p.add_argument("--results", default=RESULTS_DIR, help="output directory (default: %(default)s)")
     p.add_argument("--name", help="file name stem of the outputs (default: bench, or quick)")
     args = p.parse_args(argv)
@@ -647,10 +864,9 @@ def parse_args(argv):
     return args
 
 
-def plan(args, workloads, offered, criu):
+def plan(args, workloads, offered, criu, lazy_problem):
     """[(workload, tool, mode, why not or None)]."""
     jobs = []
-    lazy_problem = criu_lazy_problem() if criu else None
     for w in workloads:
         for mode in args.modes:
             jobs.append((w, "umig", mode, offered[mode]))
@@ -674,11 +890,13 @@ def run(args):
     say(f"CRIU: {'runs: ' + criu if criu else 'skipped: ' + criu_why}")
 
     workloads = make_workloads(args)
-    jobs = plan(args, workloads, offered, criu)
     rows = []
     workdir = tempfile.mkdtemp(prefix="umig-bench-")
     interrupted = False
     with Cleanup() as cleanup:
+        lazy_problem = prepare_criu_lazy(args, cleanup) \
+            if criu and any(CRIU_COUNTERPART.get(m) == "lazy-pages" for m in args.modes) else None
+        jobs = plan(args, workloads, offered, criu, lazy_problem)
         cleanup.add("remove " + workdir, shutil.rmtree, workdir, True)
         cleanup.add("stop the workloads", kill_marked, workdir)
         become_subreaper()
