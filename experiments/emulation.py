@@ -25,8 +25,12 @@ def _ip(*args):
 
 
 class EmulatedCluster:
-    def __init__(self, capacities, port=7707, tag=None):
+    """Nodes of the given `capacities` (cores); with `memory_limits` (bytes or None, one per
+    node) each node also gets a memory cgroup, limited where a number is given."""
+
+    def __init__(self, capacities, port=7707, tag=None, memory_limits=None):
         self.capacities = list(capacities)
+        self.memory_limits = list(memory_limits) if memory_limits else None
         self.tag = tag or "%06x" % random.randrange(1 << 24)
         subnet = random.Random(self.tag).randrange(100, 250), random.Random(self.tag + "y").randrange(1, 250)
         self.names = [f"node-{chr(ord('a') + i)}" for i in range(len(self.capacities))]
@@ -35,7 +39,8 @@ class EmulatedCluster:
         self.ips = [f"10.{subnet[0]}.{subnet[1]}.{i + 1}" for i in range(len(self.capacities))]
         self.endpoints = [f"tcp://{ip}:{port}" for ip in self.ips]
         self.hub_ip = f"10.{subnet[0]}.{subnet[1]}.254"  # for a driver that enters the hub namespace
-        self.cgroups = {c: os.path.join(CGROUP, c, f"umig-{self.tag}") for c in ("cpu", "cpuacct")}
+        controllers = ("cpu", "cpuacct") + (("memory",) if self.memory_limits else ())
+        self.cgroups = {c: os.path.join(CGROUP, c, f"umig-{self.tag}") for c in controllers}
         self._made_ns, self._made_cg = [], []
 
     def cgroup(self, controller, i):
@@ -68,6 +73,10 @@ class EmulatedCluster:
                     f.write(str(PERIOD_US))
                 with open(os.path.join(self.cgroup("cpu", i), "cpu.cfs_quota_us"), "w") as f:
                     f.write(str(int(capacity * PERIOD_US)))
+            for i, limit in enumerate(self.memory_limits or ()):
+                if limit is not None:
+                    with open(os.path.join(self.cgroup("memory", i), "memory.limit_in_bytes"), "w") as f:
+                        f.write(str(int(limit)))
         except BaseException:
             self.remove()
             raise

@@ -28,8 +28,8 @@ def cluster_agent(agent_factory, name, listen, peers, *extra):
                                                         *extra))
 
 
-def nodes(agent):
-    r = run_umig("nodes", "--agent", agent.listen, "--json", timeout=30)
+def nodes(agent, netns=None):
+    r = run_umig("nodes", "--agent", agent.listen, "--json", netns=netns, timeout=30)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
 
