@@ -4,7 +4,7 @@ import pytest
 
 from umig import policies
 from umig.balance import Guards
-from umig.cluster import View
+from umig.cluster import View, recent_migrations
 from umig.errors import UmigError
 
 MiB = 2**20
@@ -88,6 +88,41 @@ def test_age_uses_capacity():
     old = [proc(1, 100.0)]
     assert policies.Age().decide(view("a", node("a", 2, 2.0, processes=old), node("b", 0))) == []
     assert policies.Age().decide(view("a", node("a", 4, 2.0, processes=old), node("b", 0)))
+
+
+def done(source, pid, at, frozen_s, rss=0):
+    return {"event": "done", "from": source, "to": "x", "pid": pid, "time": at, "frozen_s": frozen_s, "rss": rss}
+
+
+def test_age_learns_its_cost_from_the_clusters_measured_migrations():
+    # Measured on two nodes: frozen 1.0 s, 1.2 s, and 4.0 s of which 1.0 s copied 200 MB. The
+    # median fixed part is 1.2 s; against a load difference of 2 the bar is about 0.6 s. The
+    # fixed default (0.3 s) moves both.
+    me = node("a", 3, processes=[proc(1, 0.5), proc(2, 0.9)])
+    me["migrations"] = [done("a", 7, 1.0, 1.0), done("a", 8, 3.0, 3.0 + 200e6 / 200e6, rss=200e6)]
+    peer = node("b", 1)
+    peer["migrations"] = [done("b", 9, 2.0, 1.2)]
+    v = view("a", me, peer)
+    learned = policies.load("age", {"cost": "learned"}).decide(v)
+    assert [m.pid for m in learned] == [2] and "learned from 3 migrations" in learned[0].reason
+    assert [m.pid for m in policies.load("age").decide(v)] == [2, 1]
+    # Only the last `history` count (here the 4.0 s one: a fixed part of 3.0 s, a bar of 1.5 s);
+    # with none measured yet the base cost stands.
+    assert policies.load("age", {"cost": "learned", "history": "1"}).decide(v) == []
+    assert len(policies.load("age", {"cost": "learned"}).decide(view("a", node("a", 3, processes=[proc(1, 0.5)]),
+                                                                     node("b", 1)))) == 1
+    with pytest.raises(UmigError, match="cost must be fixed or learned"):
+        policies.load("age", {"cost": "guessed"})
+
+
+def test_view_merges_the_migrations_every_node_published():
+    a, b = node("a", 0), node("b", 0)
+    a["migrations"] = [done("a", 1, 5.0, 0.1), done("a", 2, 9.0, 0.1)]
+    b["migrations"] = [done("b", 3, 7.0, 0.1)]
+    v = view("b", a, b)
+    assert [(e["from"], e["pid"]) for e in v.migrations] == [("a", 1), ("b", 3), ("a", 2)]
+    # An agent answering `nodes` adds its own events to those of its sample: each shows once.
+    assert recent_migrations(v.migrations, b["migrations"]) == v.migrations
 
 
 # --------------------------------------------------------------------------- memory

@@ -21,6 +21,7 @@ import dataclasses
 import importlib
 import importlib.util
 import random
+import statistics
 
 from umig.errors import UmigError
 
@@ -99,18 +100,32 @@ class Threshold(Policy):
 class Age(Policy):
     """After Harchol-Balter & Downey (1997): CPU lifetimes are heavy-tailed, so a process that has
     run long will probably run long more. Migrate a process only when its CPU age exceeds the
-    migration cost divided by the load difference, cost = `base_cost` seconds + resident size /
+    migration cost divided by the load difference, cost = a fixed part + resident size /
     `bandwidth` bytes per second. Loads are runnable processes per core of capacity, and only
-    a node above one (someone waits) sheds. The oldest process goes to the least loaded peer."""
+    a node above one (someone waits) sheds. The oldest process goes to the least loaded peer.
+
+    The fixed part is `base_cost` seconds, or, with cost=learned, what the cluster's last
+    `history` migrations measured: the median of their frozen times less their size / bandwidth
+    (`base_cost` until the first one is measured)."""
     name = "age"
 
-    def __init__(self, base_cost=0.3, bandwidth=200e6, **options):
+    def __init__(self, base_cost=0.3, bandwidth=200e6, cost="fixed", history=10, **options):
         self.base_cost = float(base_cost)
         self.bandwidth = float(bandwidth)
+        if cost not in ("fixed", "learned"):
+            raise ValueError(f"cost must be fixed or learned, not {cost!r}")
+        self.learned = cost == "learned"
+        self.history = int(history)
         super().__init__(**options)
 
-    def cost(self, process):
-        return self.base_cost + process["rss"] / self.bandwidth
+    def fixed_cost(self, view):
+        """(seconds, how many measured migrations they come from)."""
+        if self.learned:
+            measured = [e for e in view.migrations if e["event"] == "done"][-self.history:]
+            if measured:
+                return max(0.0, statistics.median(e["frozen_s"] - e.get("rss", 0) / self.bandwidth
+                                                  for e in measured)), len(measured)
+        return self.base_cost, 0
 
     def decide(self, view):
         me = view.me
@@ -121,11 +136,14 @@ class Age(Policy):
         difference = me["load"] - target["load"]
         if difference <= 0:
             return []
+        fixed, measured = self.fixed_cost(view)
+        source = f" (learned from {measured} migrations)" if measured else ""
         out = []
         for p in sorted(eligible(me), key=lambda p: -p["cpu_age"]):
-            needed = self.cost(p) / difference
+            cost = fixed + p["rss"] / self.bandwidth
+            needed = cost / difference
             if p["cpu_age"] > needed:
-                out.append(proposal(me, p, target, f"age {p['cpu_age']:.2f} s > cost {self.cost(p):.2f} s / load "
+                out.append(proposal(me, p, target, f"age {p['cpu_age']:.2f} s > cost {cost:.2f} s{source} / load "
                                                    f"difference {difference:.2f} = {needed:.2f} s"))
         return out
 
