@@ -13,6 +13,8 @@ written as JSON (with every job and every migration) and a PNG plot. Needs root
   python experiments/experiment.py --long          # more jobs and seeds (about half an hour)
   python experiments/experiment.py --quick         # a smoke test (under a minute)
   python experiments/experiment.py --seeds 4 5 --policies none age --utilisation 0.5
+  python experiments/experiment.py --guard node_interval=0.5   # guards as umig agent --guard
+  python experiments/experiment.py --report results/results.json   # the tables of an earlier run
 """
 import argparse
 import json
@@ -30,6 +32,8 @@ import jobtrace  # noqa: E402
 from emulation import EmulatedCluster  # noqa: E402
 
 POLICIES = ("none", "threshold", "age", "memory")
+# Policies run with options, by the name the results give them.
+VARIANTS = {"age-learned": ["--balance", "age", "--balance-opt", "cost=learned"]}
 # Four identical nodes with most arrivals at node-a, and on average 70 % of the cluster's
 # capacity offered: a load the cluster can carry, though node-a alone cannot.
 DEFAULT = dict(seeds=[1, 2, 3], jobs=24, utilisation=0.7, alpha=1.1, xm=0.25, cap=8.0,
@@ -65,7 +69,9 @@ def start_agents(cluster, policy, params, out_dir, env):
     agents = []
     for i, (name, ep) in enumerate(zip(cluster.names, cluster.endpoints)):
         with open(os.path.join(out_dir, f"agent-{name}.log"), "w") as log:
-            cmd = cluster.agent_prefix(i, *cluster.peers_of(i), "--interval", params["interval"], "--balance", policy)
+            guards = [a for g in params.get("guards", ()) for a in ("--guard", g)]
+            cmd = cluster.agent_prefix(i, *cluster.peers_of(i), "--interval", params["interval"], *guards,
+                                       *VARIANTS.get(policy, ["--balance", policy]))
             agents.append(subprocess.Popen(cmd + [sys.executable, "-m", "umig", "agent", "--listen", ep, "--name", name],
                                            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env))
     return agents
@@ -176,7 +182,8 @@ def spread(values, fmt):
     """'mean ± standard deviation' (just the value for one)."""
     if len(values) == 1:
         return fmt.format(values[0])
-    return f"{fmt.format(statistics.mean(values))} ± {fmt.format(statistics.stdev(values))}"
+    unsigned = fmt.replace("+", "")  # a spread has no sign
+    return f"{fmt.format(statistics.mean(values))} ± {unsigned.format(statistics.stdev(values))}"
 
 
 def change(runs, policy, baseline):
@@ -207,6 +214,49 @@ def tables(runs, policies):
     return "\n".join(out)
 
 
+def migration_costs(runs, policies):
+    """Markdown: what the moves cost against what the moved jobs needed, all seeds together."""
+    out = ["migrations, all seeds together (medians; frozen: the moved process could not run):", "",
+           "| policy | moves | frozen (s) | frozen, min–max (s) | CPU age at the move (s) | moved job's demand (s) "
+           "| frozen / demand | moves of jobs under 1 s |", "|---" * 8 + "|"]
+    for policy in policies:
+        moves = []
+        for by_policy in runs.values():
+            demand = {j["job"]: j["demand"] for j in by_policy[policy]["jobs"]}
+            moves += [(m, demand[m["job"]]) for m in by_policy[policy]["migration_log"] if m["event"] == "done"]
+        if not moves:
+            continue
+        frozen = [m["frozen_s"] for m, _ in moves]
+        out.append(f"| {policy} | {len(moves)} | {statistics.median(frozen):.2f} | {min(frozen):.2f}–{max(frozen):.2f} "
+                   f"| {statistics.median(m['age'] for m, _ in moves):.2f} "
+                   f"| {statistics.median(d for _, d in moves):.2f} "
+                   f"| {statistics.median(m['frozen_s'] / d for m, d in moves):.2f} "
+                   f"| {sum(d < 1 for _, d in moves)} |")
+    return "\n".join(out)
+
+
+def by_size(runs, policies, short=1.0):
+    """Markdown: mean slowdown of short and long jobs, each seed's mean then mean ± sd across seeds."""
+    out = [f"mean slowdown by job size (demand under {short:g} CPU s or not), mean ± sd across seeds:", "",
+           "| policy | short jobs | long jobs |", "|---|---|---|"]
+    for policy in policies:
+        cells = []
+        for is_short in (True, False):
+            per_seed = [[j["slowdown"] for j in by_policy[policy]["jobs"] if (j["demand"] < short) == is_short]
+                        for by_policy in runs.values()]
+            means = [statistics.mean(s) for s in per_seed if s]  # a small trace may lack one kind
+            cells.append(spread(means, "{:.2f}") if means else "no such job")
+        out.append(f"| {policy} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def report(runs, policies):
+    return "\n\n".join((tables(runs, policies), by_size(runs, policies), migration_costs(runs, policies)))
+
+
+COLOURS = ["#888", "#4a7", "#47a", "#a74", "#7a4"]
+
+
 def plot(runs, policies, path):
     try:
         import matplotlib
@@ -218,7 +268,7 @@ def plot(runs, policies, path):
     fig, axes = plt.subplots(1, len(METRICS), figsize=(3.3 * len(METRICS), 3.2))
     for ax, (key, label, _) in zip(axes, METRICS):
         per_seed = [[by_policy[p][key] for by_policy in runs.values()] for p in policies]
-        ax.bar(policies, [statistics.mean(v) for v in per_seed], color=["#888", "#4a7", "#47a", "#a74"][:len(policies)],
+        ax.bar(policies, [statistics.mean(v) for v in per_seed], color=COLOURS[:len(policies)],
                yerr=[statistics.stdev(v) if len(v) > 1 else 0 for v in per_seed], capsize=3)
         for x, values in enumerate(per_seed):  # each seed as a dot over its bar
             ax.plot([x] * len(values), values, "k.", markersize=4)
@@ -233,16 +283,25 @@ def main():
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="a small trace on three nodes: a smoke test")
     size.add_argument("--long", action="store_true", help=f"{LONG['jobs']} jobs and {len(LONG['seeds'])} seeds")
-    p.add_argument("--policies", nargs="+", default=list(POLICIES))
+    p.add_argument("--policies", nargs="+", default=list(POLICIES),
+                   help=f"policies to compare (default: %(default)s; also {', '.join(VARIANTS)})")
     p.add_argument("--seeds", nargs="+", type=int, help="one trace per seed")
     p.add_argument("--jobs", type=int, help="jobs per trace")
     p.add_argument("--utilisation", type=float, help="work offered per second as a fraction of the cluster's cores")
     p.add_argument("--capacities", nargs="+", type=float, help="cores of each node (one node each)")
     p.add_argument("--weights", nargs="+", type=float, help="share of arrivals at each node")
+    p.add_argument("--guard", dest="guards", action="append", metavar="KEY=VALUE",
+                   help="a guard for every agent, as umig agent --guard takes it (repeat)")
     p.add_argument("--out", default=os.path.join(HERE, "results"), help="directory for the results")
+    p.add_argument("--report", metavar="RESULTS_JSON", help="print the tables of an earlier run and return")
     args = p.parse_args()
+    if args.report:
+        with open(args.report) as f:
+            runs = json.load(f)["runs"]
+        print(report(runs, list(next(iter(runs.values())))))
+        return 0
     params = dict(QUICK if args.quick else LONG if args.long else DEFAULT)
-    for key in ("seeds", "jobs", "utilisation", "capacities", "weights"):
+    for key in ("seeds", "jobs", "utilisation", "capacities", "weights", "guards"):
         if getattr(args, key) is not None:
             params[key] = getattr(args, key)
     if len(params["weights"]) != len(params["capacities"]):
@@ -271,12 +330,12 @@ def main():
                 print(f"seed {seed} {policy}: done in {time.monotonic() - t:.0f} s", flush=True)
     finally:
         cluster.remove()
-    print(tables(runs, args.policies))
+    print(report(runs, args.policies))
     summary = {"params": params, "calibration_iterations_per_cpu_s": rate, "traces": traces, "runs": runs}
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(summary, f, indent=1)
     with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(tables(runs, args.policies) + "\n")
+        f.write(report(runs, args.policies) + "\n")
     plot(runs, args.policies, os.path.join(args.out, "results.png"))
     print(f"results in {args.out}/results.json, results.md and results.png")
     return 1 if any(r["failed_jobs"] for by_policy in runs.values() for r in by_policy.values()) else 0
