@@ -83,6 +83,13 @@ def test_age_needs_an_overloaded_source_and_a_less_loaded_peer():
     assert policies.Age().decide(view("a", node("a", 2, processes=old))) == []
 
 
+def test_age_sends_to_the_equally_loaded_peer_that_received_longest_ago():
+    # b just received a process, and the guards would refuse it for a while; c did long ago.
+    v = view("a", node("a", 3, processes=[proc(1, 9.0)]), node("b", 1, last_in=999.0), node("c", 1, last_in=900.0),
+             node("d", 2))
+    assert [m.target for m in policies.Age().decide(v)] == ["c"]
+
+
 def test_age_uses_capacity():
     # Two runnable on two cores is no overload; four on two is.
     old = [proc(1, 100.0)]

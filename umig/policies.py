@@ -102,7 +102,8 @@ class Age(Policy):
     run long will probably run long more. Migrate a process only when its CPU age exceeds the
     migration cost divided by the load difference, cost = a fixed part + resident size /
     `bandwidth` bytes per second. Loads are runnable processes per core of capacity, and only
-    a node above one (someone waits) sheds. The oldest process goes to the least loaded peer.
+    a node above one (someone waits) sheds. The oldest process goes to the least loaded peer
+    (of equals, the one that last received a process longest ago).
 
     The fixed part is `base_cost` seconds, or, with cost=learned, what the cluster's last
     `history` migrations measured: the median of their frozen times less their size / bandwidth
@@ -132,7 +133,9 @@ class Age(Policy):
         peers = view.peers()
         if me["load"] <= 1.0 or not peers:
             return []
-        target = min(peers, key=lambda n: (n["load"], n["name"]))
+        # Among equally loaded peers the one that received a process longest ago: the guards
+        # refuse a node that has just received one, and ties are common on small nodes.
+        target = min(peers, key=lambda n: (n["load"], n.get("last_in", 0.0), n["name"]))
         difference = me["load"] - target["load"]
         if difference <= 0:
             return []
