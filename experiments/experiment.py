@@ -10,7 +10,7 @@ written as JSON (with every job and every migration) and a PNG plot. Needs root
 (namespaces, cgroups, ptrace).
 
   python experiments/experiment.py                 # the default run (about nine minutes)
-  python experiments/experiment.py --long          # more jobs and seeds (about half an hour)
+  python experiments/experiment.py --long          # more jobs and seeds (about 22 minutes)
   python experiments/experiment.py --quick         # a smoke test (under a minute)
   python experiments/experiment.py --seeds 4 5 --policies none age --utilisation 0.5
   python experiments/experiment.py --guard node_interval=0.5   # guards as umig agent --guard
@@ -227,7 +227,8 @@ def migration_costs(runs, policies):
         if not moves:
             continue
         frozen = [m["frozen_s"] for m, _ in moves]
-        out.append(f"| {policy} | {len(moves)} | {statistics.median(frozen):.2f} | {min(frozen):.2f}–{max(frozen):.2f} "
+        out.append(f"| {policy} | {len(moves)} | {statistics.median(frozen):.2f} "
+                   f"| {min(frozen):.2f}–{max(frozen):.2f} "
                    f"| {statistics.median(m['age'] for m, _ in moves):.2f} "
                    f"| {statistics.median(d for _, d in moves):.2f} "
                    f"| {statistics.median(m['frozen_s'] / d for m, d in moves):.2f} "

@@ -120,11 +120,11 @@ def test_a_job_moved_round_a_ring_reports_home_with_its_cpu_age(agent_factory, r
                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                            env=umig_env(), cwd=tmp_path)
     try:
-        ages = [float(agents[n].wait_for_line(ADOPTED.format(re.escape(n)), 90)[2]) for n in ("node-b", "node-c", "node-a")]
+        ages = [float(agents[n].wait_for_line(ADOPTED.format(re.escape(n)), 90)[2])
+                for n in ("node-b", "node-c", "node-a")]
+    finally:  # the job ends wherever it is, and `umig run` at node-a reports it
         stop.write_text("stop\n")
         out, err = finish(run, 90)
-    finally:
-        stop.write_text("stop\n")
     logs = "\n".join(a.log() for a in agents.values())
     # The CPU age grows at every hop: what the job used on the last node is added to what it brought.
     assert ages[0] > 0 and all(later > earlier + 0.05 for earlier, later in zip(ages, ages[1:])), f"{ages}\n{logs}"
@@ -173,10 +173,9 @@ def test_memory_policy_moves_a_job_off_a_node_short_of_memory(make_emulated, age
         b.wait_for_line(r"^node-b: job node-a\.1 runs here", 30)
         with open(os.path.join(cluster.cgroup("memory", 0), "memory.usage_in_bytes")) as f:
             assert int(f.read()) < limit - hog * MiB, "node-a's memory cgroup still holds the job's memory"
-        stop.write_text("stop\n")
-        out, err = finish(run, 60)
     finally:
         stop.write_text("stop\n")
+        out, err = finish(run, 60)
     assert (run.returncode, out) == (3, f"allocated\npages {hog * MiB // 4096}\n"), (run.returncode, out, err,
                                                                                    a.log(), b.log())
 
