@@ -8,7 +8,7 @@
 #   make demo        migrate a ticking process between two agents on this host
 #   make test        run the test suite (pytest)
 #   make bench       benchmark harness (docs/performance.md); BENCH_ARGS=--quick for a tiny run
-#   make experiment  scheduling policies on three emulated nodes (docs/scheduling.md)
+#   make experiment  scheduling policies on emulated nodes (docs/scheduling.md)
 #   make clean       remove build products (keeps .venv/); distclean also removes .venv/
 
 SHELL := /bin/bash
