@@ -6,6 +6,7 @@ for private file mappings only the pages the process wrote) and read them in lar
 map every mapping at its exact address, fill the pages, then set the final protections.
 """
 import ctypes
+import functools
 import hashlib
 import mmap
 import os
@@ -139,14 +140,20 @@ def file_identity(path, content=True):
     st = os.stat(path)
     identity = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
     if content:
-        with open(path, "rb") as f:
-            build_id = _elf_build_id(f)
-            if build_id:
-                identity["build_id"] = build_id
-            else:
-                f.seek(0)
-                identity["sha256"] = hashlib.file_digest(f, "sha256").hexdigest()
+        identity.update(_content_identity(path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
     return identity
+
+
+@functools.lru_cache(maxsize=1024)
+def _content_identity(path, device, inode, size, mtime_ns, ctime_ns):
+    """Cached by everything a change to the file would change (ctime included, which no one can
+    set back): a live migration's final freeze looks at the same files again."""
+    with open(path, "rb") as f:
+        build_id = _elf_build_id(f)
+        if build_id:
+            return {"build_id": build_id}
+        f.seek(0)
+        return {"sha256": hashlib.file_digest(f, "sha256").hexdigest()}
 
 
 def check_identity(path, identity, what):
