@@ -29,6 +29,9 @@ from umig.transport import PING_INTERVAL
 
 LAZY_KINDS = ("anon", "heap", "stack")
 PREFETCH_PAGES = 16  # a fault fetches its neighbours too: processes touch memory in runs
+# Background records sent ahead of the target's "placed": an answer to a fault queues behind at
+# most these (about a millisecond each), not behind megabytes of socket buffers.
+STREAM_WINDOW = 3
 # While pages are missing the source streams without pause: this long a silence means it is gone.
 SOURCE_SILENCE = 10.0
 
@@ -60,10 +63,12 @@ def serve(pid, writer, connection, lazy_runs):
     has every page."""
     background = memory.read_batches(pid, lazy_runs)
     streaming = True
+    in_flight = 0  # page records sent and not yet placed by the target
     while True:
-        message = connection.poll_control(0 if streaming else connection.timeout)
+        sending = streaming and in_flight < STREAM_WINDOW
+        message = connection.poll_control(0 if sending else connection.timeout)
         if message is None:
-            if not streaming:
+            if not sending:
                 raise UmigError(f"the agent at {connection.endpoint} fell silent during post-copy")
             batch = next(background, None)
             if batch is None:
@@ -71,10 +76,14 @@ def serve(pid, writer, connection, lazy_runs):
                 streaming = False
             else:
                 writer.write(image.Record("pages", {"runs": batch[0]}, batch[1]))
+                in_flight += 1
             continue
         kind, meta = message
         if kind == "complete":
             return
+        if kind == "placed":
+            in_flight -= 1
+            continue
         if kind != "fetch":
             raise UmigError(f"the agent sent {kind!r} during post-copy")
         if not streaming:
@@ -82,6 +91,7 @@ def serve(pid, writer, connection, lazy_runs):
         wanted = memory.intersect(lazy_runs, [[meta["address"], PREFETCH_PAGES * PAGE_SIZE]])
         for batch_runs, buffer in memory.read_batches(pid, wanted):
             writer.write(image.Record("pages", {"runs": batch_runs}, buffer))
+            in_flight += 1
 
 
 # --- target ------------------------------------------------------------------------------------------
@@ -280,6 +290,7 @@ class Pager:
                 record = from_source(next, records)
                 if record.kind == "pages":
                     self.place(record.meta["runs"], record.payload, fetch)
+                    from_source(session.send, "placed")
                 elif record.kind == "end":
                     if self.pending.count:
                         raise UmigError(f"the source ended its stream with {self.pending.count} pages missing")

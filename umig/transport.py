@@ -12,6 +12,10 @@ messages carry one msgpack frame after it, image records carry their own frames 
                                 <-    ready {target_pid} | failed {reason}
   commit                        ->
                                 <-    running {target_pid} | failed {reason}
+  post-copy (--lazy) only, once the process runs on the target:
+  record pages ..., record end  ->    (the lazy pages, a few records ahead of the last placed)
+                                <-    fetch {address} (a fault)  placed (a pages record is in)
+                                <-    complete
   abort {reason} (at any time, when the source gives up)
 
 A lost connection is seen at once through the socket monitor, so a dead agent costs no timeout.
