@@ -22,15 +22,14 @@
  *   From then on it reads commands until UMIG_OP_FINISH or a failure.
  *
  * Commands (agent -> restorer): struct umig_command, then `size` bytes of payload.
- * Reports  (restorer -> agent): struct umig_report, one per command, except UMIG_OP_PAGES,
- *   which reports only on failure. On failure the restorer reports error = -errno and
+ * Reports  (restorer -> agent): struct umig_report, one per command. On failure the restorer reports error = -errno and
  *   detail = the address, fd or signal the step was working on, then exits with status 1.
  */
 #ifndef UMIG_PROTOCOL_H
 #define UMIG_PROTOCOL_H
 
-#define UMIG_PROTOCOL_VERSION 1
-#define UMIG_MAX_PAYLOAD (64 * 1024) /* every command but PAGES fits in this */
+#define UMIG_PROTOCOL_VERSION 2
+#define UMIG_MAX_PAYLOAD (64 * 1024)
 /* RELOCATE's range holds the image (rounded up to pages), then a stack of this size */
 #define UMIG_RELOCATE_STACK (16 * 1024)
 
@@ -52,7 +51,7 @@ enum umig_op {
 	UMIG_OP_UNMAP = 5,       /* struct umig_range: munmap */
 	UMIG_OP_MOVE = 6,        /* struct umig_move: mremap(MREMAP_MAYMOVE|MREMAP_FIXED) (the vDSO set) */
 	UMIG_OP_MAP = 7,         /* struct umig_map + path: mmap MAP_FIXED_NOREPLACE */
-	UMIG_OP_PAGES = 8,       /* struct umig_range, then `length` raw bytes read straight to `start` */
+	/* 8 is free: pages are not the restorer's business (umig/state/memory.py writes them) */
 	UMIG_OP_PROTECT = 9,     /* struct umig_protect: mprotect to the final protection */
 	UMIG_OP_MM = 10,         /* struct umig_mm + auxv + exe path: prctl(PR_SET_MM, PR_SET_MM_MAP) */
 	UMIG_OP_OPEN_FD = 11,    /* struct umig_open_fd + path */
@@ -77,15 +76,16 @@ enum umig_op {
 	UMIG_OP_MADVISE = 26,    /* struct umig_advice: madvise (flags /proc/PID/smaps shows as VmFlags) */
 	UMIG_OP_DUP = 27,        /* struct umig_dup: dup3 (descriptors sharing one open file) */
 	UMIG_OP_ITIMER = 28,     /* struct umig_itimer: setitimer (alarm() and setitimer() timers) */
-	UMIG_OP_USERFAULTFD = 29,/* struct umig_range[]: a userfaultfd with those ranges registered for
-	                            missing pages (post-copy); detail = its fd, which the agent takes
-	                            with pidfd_getfd before UMIG_OP_CLOSE closes the restorer's copy */
+	UMIG_OP_USERFAULTFD = 29,/* u64 features (UFFD_FEATURE_*), then struct umig_range[]: a
+	                            userfaultfd with those ranges registered for missing pages; detail =
+	                            its fd, which the agent takes with pidfd_getfd before UMIG_OP_CLOSE
+	                            closes the restorer's copy */
 	UMIG_OP_CLOSE = 30,      /* s32 fd */
 };
 
 struct umig_command {
 	u32 op;
-	u32 size; /* payload bytes that follow (for PAGES: sizeof(struct umig_range) only) */
+	u32 size; /* payload bytes that follow */
 };
 
 struct umig_report {

@@ -135,28 +135,22 @@ static long check(long ret, u32 op, u64 detail)
 	return ret;
 }
 
-/*
- * Reads exactly len bytes. End of file means the agent gave up: leave silently. Returns 0 or
- * -errno (EFAULT when dst is not writable memory, which only PAGES can cause).
- */
-static long receive(void *dst, u64 len)
+/* Reads exactly len bytes of a command. End of file or an error means the agent gave up (or
+   broke the channel): leave silently, it knows. */
+static void receive(void *dst, u64 len)
 {
 	char *p = dst;
 
 	while (len) {
-		/* read() caps one call near 2 GiB anyway; ask for less so the count fits any int */
-		long n = syscall3(__NR_read, channel, p, len < (1UL << 30) ? len : (1UL << 30));
+		long n = syscall3(__NR_read, channel, p, len);
 
 		if (n == -EINTR)
 			continue;
-		if (n == 0)
+		if (n <= 0)
 			exit_group(1);
-		if (failed(n))
-			return n;
 		p += n;
 		len -= n;
 	}
-	return 0;
 }
 
 /* Checks the payload is a `fixed`-byte struct followed by exactly `extra` bytes. */
@@ -281,25 +275,6 @@ static u64 step_map(void)
 	return m->start;
 }
 
-/* PAGES carries its data outside the payload: read it from the channel straight into place. */
-static void step_pages(u32 size)
-{
-	struct umig_range r;
-	long err;
-
-	if (size != sizeof(r))
-		fail(UMIG_OP_PAGES, -EINVAL, size);
-	err = receive(&r, sizeof(r));
-	if (err)
-		exit_group(1);
-	/* Fault the range in with one call: a page fault per page halves the fill rate. Best effort:
-	   kernels before 5.14 lack it, and read() faults the pages in anyway. */
-	syscall3(__NR_madvise, r.start, r.length, MADV_POPULATE_WRITE);
-	err = receive((void *)r.start, r.length);
-	if (err)
-		fail(UMIG_OP_PAGES, err, r.start);
-}
-
 static u64 step_protect(void)
 {
 	const struct umig_protect *p = (const void *)payload;
@@ -397,16 +372,17 @@ static u64 step_itimer(void)
 /* Post-copy: pages missing from these ranges are asked of the agent, which holds the other end. */
 static u64 step_userfaultfd(void)
 {
-	const struct umig_range *r = (const void *)payload;
-	struct uffdio_api api = {
-		.api = UFFD_API,
-		/* the agent must learn of ranges the process drops or moves before their pages come */
-		.features = UFFD_FEATURE_EVENT_REMAP | UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_EVENT_UNMAP,
-	};
-	long fd = check(syscall1(__NR_userfaultfd, O_CLOEXEC | O_NONBLOCK), UMIG_OP_USERFAULTFD, 0);
+	const u64 *features = (const void *)payload;
+	const struct umig_range *r = (const void *)(features + 1);
+	struct uffdio_api api = { .api = UFFD_API };
+	long fd;
 
+	if (payload_size < sizeof(*features))
+		fail(UMIG_OP_USERFAULTFD, -EINVAL, payload_size);
+	api.features = *features;
+	fd = check(syscall1(__NR_userfaultfd, O_CLOEXEC | O_NONBLOCK), UMIG_OP_USERFAULTFD, 0);
 	check(syscall3(__NR_ioctl, fd, UFFDIO_API, &api), UMIG_OP_USERFAULTFD, 0);
-	for (u32 i = 0; i < payload_size / sizeof(*r); i++) {
+	for (u32 i = 0; i < (payload_size - sizeof(*features)) / sizeof(*r); i++) {
 		struct uffdio_register reg = {
 			.range = { .start = r[i].start, .len = r[i].length },
 			.mode = UFFDIO_REGISTER_MODE_MISSING,
@@ -643,16 +619,10 @@ static void __attribute__((noreturn)) serve(void)
 	for (;;) {
 		struct umig_command cmd;
 
-		if (receive(&cmd, sizeof(cmd)))
-			exit_group(1);
-		if (cmd.op == UMIG_OP_PAGES) {
-			step_pages(cmd.size);
-			continue;
-		}
+		receive(&cmd, sizeof(cmd));
 		if (cmd.size > UMIG_MAX_PAYLOAD)
 			fail(cmd.op, -E2BIG, cmd.size);
-		if (receive(payload, cmd.size))
-			exit_group(1);
+		receive(payload, cmd.size);
 		payload[cmd.size] = 0;
 		payload_size = cmd.size;
 		send_report(cmd.op, 0, execute(cmd.op));

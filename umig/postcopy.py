@@ -27,7 +27,7 @@ from umig.procfs import PAGE_SIZE
 from umig.state import memory
 from umig.transport import PING_INTERVAL
 
-LAZY_KINDS = ("anon", "heap", "stack")
+LAZY_KINDS = memory.PRIVATE_ANON_KINDS
 PREFETCH_PAGES = 16  # a fault fetches its neighbours too: processes touch memory in runs
 # Background records sent ahead of the target's "placed": an answer to a fault queues behind at
 # most these (about a millisecond each), not behind megabytes of socket buffers.
@@ -35,9 +35,11 @@ STREAM_WINDOW = 3
 # While pages are missing the source streams without pause: this long a silence means it is gone.
 SOURCE_SILENCE = 10.0
 
-SYS_PIDFD_OPEN, SYS_PIDFD_GETFD = 434, 438
 UFFD_EVENT_PAGEFAULT, UFFD_EVENT_REMAP, UFFD_EVENT_REMOVE, UFFD_EVENT_UNMAP = 0x12, 0x14, 0x15, 0x16
-UFFDIO_COPY, UFFDIO_ZEROPAGE = 0xC028AA03, 0xC020AA04
+UFFDIO_ZEROPAGE = 0xC020AA04
+UFFD_FEATURE_EVENT_REMAP, UFFD_FEATURE_EVENT_REMOVE, UFFD_FEATURE_EVENT_UNMAP = 1 << 2, 1 << 3, 1 << 6
+# The agent must learn of ranges the process drops or moves before their pages come.
+LAZY_FEATURES = UFFD_FEATURE_EVENT_REMAP | UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_EVENT_UNMAP
 _MSG = struct.Struct("<BBHI24s")
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -96,11 +98,6 @@ def serve(pid, writer, connection, lazy_runs):
 
 # --- target ------------------------------------------------------------------------------------------
 
-class _Uffdio(ctypes.Structure):
-    _fields_ = [("dst", ctypes.c_uint64), ("src", ctypes.c_uint64), ("len", ctypes.c_uint64),
-                ("mode", ctypes.c_uint64), ("result", ctypes.c_int64)]
-
-
 class _UffdioZeropage(ctypes.Structure):
     _fields_ = [("start", ctypes.c_uint64), ("len", ctypes.c_uint64), ("mode", ctypes.c_uint64),
                 ("result", ctypes.c_int64)]
@@ -139,15 +136,8 @@ class Pager:
     """The agent's side of post-copy for one process: its userfaultfd, the pages still missing,
     and where the process moved memory meanwhile (mremap)."""
 
-    def __init__(self, pid, remote_fd, lazy_runs):
-        pidfd = _libc.syscall(SYS_PIDFD_OPEN, pid, 0)
-        fd = _libc.syscall(SYS_PIDFD_GETFD, pidfd, remote_fd, 0) if pidfd >= 0 else -1
-        err = ctypes.get_errno()
-        if pidfd >= 0:
-            os.close(pidfd)
-        if fd < 0:
-            raise UmigError(f"pidfd_getfd of the restored process's userfaultfd failed: {os.strerror(err)}")
-        self.fd = fd
+    def __init__(self, restorer, section, lazy_runs):
+        self.fd = restorer.userfaultfd(memory.spans(section, LAZY_KINDS), LAZY_FEATURES)
         self.pending = PendingPages(lazy_runs)
         self.remaps = []  # (from, to, length) in the order the process made them
         self.requested = set()
@@ -178,20 +168,19 @@ class Pager:
     def place(self, runs, payload, fetch):
         """Copy the pages of a record that are still missing into the process, whole stretches
         at a time; pages it already has or no longer maps are skipped."""
-        data = bytes(payload)
-        base = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value
-        offset = 0
-        for start, length in runs:
-            page = start
-            while page < start + length:
-                if not self.pending.missing(page):
-                    page += PAGE_SIZE
-                    continue
-                end = page
-                while end < start + length and self.pending.missing(end):
-                    end += PAGE_SIZE
-                page = self._copy(page, end, base + offset - start, fetch)
-            offset += length
+        with memory.buffer_address(payload) as base:
+            offset = 0
+            for start, length in runs:
+                page = start
+                while page < start + length:
+                    if not self.pending.missing(page):
+                        page += PAGE_SIZE
+                        continue
+                    end = page
+                    while end < start + length and self.pending.missing(end):
+                        end += PAGE_SIZE
+                    page = self._copy(page, end, base + offset - start, fetch)
+                offset += length
 
     def _copy(self, page, end, source_base, fetch):
         """UFFDIO_COPY of the missing pages [page, end) (source addresses); returns where the
@@ -200,9 +189,7 @@ class Pager:
         # One ioctl per stretch, unless the process moved part of it (mremap) meanwhile.
         whole = self._to_target(end - PAGE_SIZE) == target + (end - PAGE_SIZE - page)
         length = end - page if whole else PAGE_SIZE
-        copy = _Uffdio(dst=target, src=source_base + page, len=length)
-        err = self._ioctl(UFFDIO_COPY, copy)
-        done = length if err == 0 else max(copy.result, 0)
+        done, err = memory.uffdio_copy(self.fd, target, source_base + page, length)
         for arrived in range(page, page + done, PAGE_SIZE):
             self.pending.take(arrived)
         if err == 0 or done:

@@ -81,19 +81,23 @@ def restore(records, requested_pid_mode="keep", on_accept=None):
             on_accept(header.meta, state)
         restorer.close_fds(files.lowest_free_fd(state["files"]))
         hole = memory.prepare(restorer, state["memory"], procfs.maps(restorer.pid))
-        for record in records:  # page batches, up to the verified end record
-            if record.kind == "pages":
-                memory.fill(restorer, record.meta["runs"], record.payload)
-            elif record.kind == "state":  # a live migration's final state: the layout now, then its last pages
-                final = record.meta
-                check_target(final, built=state)
-                memory.relayout(restorer, state["memory"], final["memory"], final["discard"], hole)
-                state = final
-            elif record.kind == "resume":  # post-copy: the rest comes once the process runs
-                remote_fd = restorer.userfaultfd(memory.spans(state["memory"], postcopy.LAZY_KINDS))
-                pager = postcopy.Pager(restorer.pid, remote_fd, state["lazy_runs"])
-                restorer.close(remote_fd)
-                break
+        pages = memory.PageWriter(restorer, state["memory"])
+        try:
+            for record in records:  # page batches, up to the verified end record
+                if record.kind == "pages":
+                    pages.write(record.meta["runs"], record.payload)
+                elif record.kind == "state":  # a live migration's final state: the layout now, then its last pages
+                    final = record.meta
+                    check_target(final, built=state)
+                    memory.relayout(restorer, state["memory"], final["memory"], final["discard"], hole)
+                    restorer.sync()  # the pages that follow go into the new layout
+                    state = final
+                elif record.kind == "resume":  # post-copy: the rest comes once the process runs
+                    pages.close()  # its memory is registered anew, to be served
+                    pager = postcopy.Pager(restorer, state["memory"], state["lazy_runs"])
+                    break
+        finally:
+            pages.close()
         memory.finish(restorer, state["memory"])
         mm.restore(restorer, state["mm"])
         files.restore(restorer, state["files"])
@@ -108,4 +112,6 @@ def restore(records, requested_pid_mode="keep", on_accept=None):
         return RestoredProcess(restorer, tracee, state, pager)
     except BaseException:
         restorer.kill()
+        if pager:
+            pager.close()
         raise

@@ -9,6 +9,7 @@ it, at the latest from `sync()` or `finish()`. After a failure the restorer's pr
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import mmap
 import os
@@ -27,9 +28,12 @@ from typing import Iterable, Mapping
 
 from umig.errors import UmigError
 
+SYS_PIDFD_GETFD = 438
+_libc = ctypes.CDLL(None, use_errno=True)
+
 RESTORER_PATH = Path(__file__).parent / "bin" / "umig-restorer"
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAX_PAYLOAD = 64 * 1024
 RELOCATE_STACK = 16 * 1024
 PAGE_SIZE = 4096
@@ -45,7 +49,6 @@ class Op(IntEnum):
     UNMAP = 5
     MOVE = 6
     MAP = 7
-    PAGES = 8
     PROTECT = 9
     MM = 10
     OPEN_FD = 11
@@ -99,7 +102,7 @@ MM_FIELDS = (
 )
 
 # How a failure report's detail reads, per step.
-_AT_ADDRESS = {Op.RELOCATE, Op.UNMAP, Op.MOVE, Op.MAP, Op.PAGES, Op.PROTECT, Op.MADVISE, Op.USERFAULTFD, Op.SIGALTSTACK,
+_AT_ADDRESS = {Op.RELOCATE, Op.UNMAP, Op.MOVE, Op.MAP, Op.PROTECT, Op.MADVISE, Op.USERFAULTFD, Op.SIGALTSTACK,
                Op.RSEQ, Op.TID_ADDRESS, Op.VMA_NAME}
 _FOR_FD = {Op.CLOSE_FDS, Op.OPEN_FD, Op.DUP, Op.CLOSE}
 _FOR_SIGNAL = {Op.SIGACTION, Op.SIGQUEUE}
@@ -138,7 +141,6 @@ class RestoreStepError(RestorerError):
 class _Sent:
     """A command whose report has not arrived yet."""
     op: Op
-    key: int = 0        # PAGES: the start address, which its failure report carries as detail
     context: str = ""   # what the error message adds, such as the path
 
 
@@ -201,7 +203,7 @@ class Restorer:
         self.init_pid: int | None = None
         self.image_size = 0
         self.remote_channel_fd: int | None = None  # the channel's fd in the child
-        self.remote_userfaultfd: int | None = None  # set by userfaultfd()
+        self.remote_userfaultfd: int | None = None  # reported by the USERFAULTFD step
         self.exit_status: int | None = None  # wait status of the child, or the init in "ns" mode
         self.finished = False
         self._reaped = False
@@ -256,9 +258,10 @@ class Restorer:
             raise
 
     def _await_start(self, mode: str, pid: int) -> None:
-        # HELLO (from the launcher) and READY (from the child) may come in either order.
-        hello = ready = None
-        while hello is None or ready is None:
+        # HELLO (from the launcher) and READY or CLONE (from the child or init) may come in either
+        # order. A failed clone is raised only once HELLO has named the init, so kill() reaps it.
+        hello = ready = clone_failure = None
+        while hello is None or (ready is None and clone_failure is None):
             report = self._read_report()
             if report is None:
                 status = self._launcher.wait()
@@ -277,14 +280,18 @@ class Restorer:
                 ready = detail
             elif op == Op.CLONE:
                 what = f"PID {detail}" if mode != "any" else "a process"
-                raise RestoreStepError(
+                clone_failure = RestoreStepError(
                     f"clone3 could not create {what} for the restore (mode {mode}): "
                     f"{_error_text(-error)}", "clone", -error, detail)
+                if hello is None and self._launcher.wait() != 0:
+                    break  # the launcher's own clone3 failed: no HELLO will come
             else:
                 raise RestoreStepError(
                     f"the restorer failed to start: report {_step_name(op)} error "
                     f"{_error_text(-error) if error else 0}", _step_name(op),
                     -error if error else None, detail)
+        if clone_failure:
+            raise clone_failure
         self._launcher.wait()
         self.image_size = ready
         if mode == "ns":
@@ -349,9 +356,6 @@ class Restorer:
 
     def _handle(self, op: int, error: int, detail: int) -> None:
         if error == 0:
-            # Successful PAGES do not report: a later report confirms them.
-            while self._sent and self._sent[0].op == Op.PAGES and op != Op.PAGES:
-                self._sent.popleft()
             if not self._sent or self._sent[0].op != op:
                 self._desync(op)
             self._sent.popleft()
@@ -361,8 +365,7 @@ class Restorer:
                 self.remote_userfaultfd = detail
             return
         # The restorer stops at its first failure: every command before it succeeded.
-        while self._sent and not (self._sent[0].op == op and
-                                  (op != Op.PAGES or self._sent[0].key == detail)):
+        while self._sent and self._sent[0].op != op:
             self._sent.popleft()
         if not self._sent:
             self._desync(op)
@@ -393,7 +396,7 @@ class Restorer:
                 how = f" (killed by {_signal_name(os.WEXITSTATUS(status) - 128)})"
         if pending is None:
             raise RestoreStepError(f"the restorer died after step '{last}'{how}", last)
-        # It died in the first step not yet confirmed (or in a PAGES before it).
+        # It died in the first step not yet confirmed.
         step = _step_name(pending.op)
         context = f" ({pending.context})" if pending.context else ""
         also = f"; steps sent up to '{last}'" if last != step else ""
@@ -411,20 +414,17 @@ class Restorer:
             time.sleep(0.002)
         self.kill()
 
-    def _send(self, op: Op, payload: bytes = b"", *, context: str = "",
-              data=None, key: int = 0) -> None:
+    def _send(self, op: Op, payload: bytes = b"", *, context: str = "") -> None:
         if self._sock is None or self.finished:
             raise RestorerError("the restorer is not running (not started, finished or killed)")
         if len(payload) > MAX_PAYLOAD:
             raise ValueError(f"'{_step_name(op)}' payload of {len(payload)} bytes exceeds "
                              f"{MAX_PAYLOAD}")
         self._poll()
-        self._sent.append(_Sent(op, key, context))
+        self._sent.append(_Sent(op, context))
         self._last_step = op
         try:
             self._sock.sendall(_COMMAND.pack(op, len(payload)) + payload, socket.MSG_NOSIGNAL)
-            if data is not None:
-                self._sock.sendall(data, socket.MSG_NOSIGNAL)
             return
         except (BrokenPipeError, ConnectionResetError):
             pass
@@ -433,9 +433,8 @@ class Restorer:
             self._wait_report()
 
     def sync(self) -> None:
-        """Waits for the reports of every command sent so far (PAGES are confirmed only by a
-        later reported command)."""
-        while any(sent.op != Op.PAGES for sent in self._sent):
+        """Waits for the reports of every command sent so far."""
+        while self._sent:
             self._wait_report()
 
     # ---- the steps ----------------------------------------------------------------------------
@@ -470,12 +469,6 @@ class Restorer:
         self._send(Op.MAP, LAYOUTS["umig_map"].pack(start, length, offset, prot, flags,
                                                       open_flags, len(raw)) + raw,
                    context=os.fsdecode(raw))
-
-    def pages(self, start: int, data) -> None:
-        """Writes data (any buffer; not copied) into the child's memory at start."""
-        view = memoryview(data).cast("B")
-        self._send(Op.PAGES, LAYOUTS["umig_range"].pack(start, view.nbytes), data=view,
-                   key=start, context=f"{view.nbytes} bytes")
 
     def protect(self, start: int, length: int, prot: int) -> None:
         self._send(Op.PROTECT, LAYOUTS["umig_protect"].pack(start, length, prot, 0))
@@ -513,13 +506,25 @@ class Restorer:
         """Arms timer `which` (ITIMER_*) with (seconds, microseconds) pairs, as setitimer takes them."""
         self._send(Op.ITIMER, LAYOUTS["umig_itimer"].pack(which, 0, *interval, *value))
 
-    def userfaultfd(self, ranges) -> int:
-        """Creates a userfaultfd in the process with `ranges` ([start, length] pairs) registered for
-        missing pages; returns its fd number there, once the restorer has reported it."""
+    def userfaultfd(self, ranges, features: int) -> int:
+        """Creates a userfaultfd (UFFD_FEATURE_* `features`) in the process with `ranges` ([start,
+        length] pairs) registered for missing pages, and returns it as an fd of the caller's (the
+        agent fills and serves those pages; the restorer's copy is closed)."""
         raw = b"".join(LAYOUTS["umig_range"].pack(start, length) for start, length in ranges)
-        self._send(Op.USERFAULTFD, raw)
+        self._send(Op.USERFAULTFD, struct.pack("<Q", features) + raw)
         self.sync()
-        return self.remote_userfaultfd
+        try:
+            pidfd = os.pidfd_open(self.pid)
+            try:
+                fd = _libc.syscall(SYS_PIDFD_GETFD, pidfd, self.remote_userfaultfd, 0)
+                if fd < 0:
+                    raise RestorerError(f"pidfd_getfd of the restored process's userfaultfd failed: "
+                                        f"{os.strerror(ctypes.get_errno())}")
+            finally:
+                os.close(pidfd)
+        finally:
+            self.close(self.remote_userfaultfd)
+        return fd
 
     def close(self, fd: int) -> None:
         self._send(Op.CLOSE, struct.pack("<i", fd))

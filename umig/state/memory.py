@@ -5,7 +5,10 @@ for private file mappings only the pages the process wrote) and read them in lar
 /proc/PID/mem. Restore: choose a hole for the restorer, clear its old mappings, move the vDSO set,
 map every mapping at its exact address, fill the pages, then set the final protections.
 """
+import bisect
+import contextlib
 import ctypes
+import errno
 import functools
 import hashlib
 import mmap
@@ -47,6 +50,7 @@ class _PageRegion(ctypes.Structure):
 
 _PAGEMAP_SCAN = (3 << 30) | (ctypes.sizeof(_ScanArg) << 16) | (ord("f") << 8) | 16
 _libc = ctypes.CDLL(None, use_errno=True)
+_libc.process_vm_writev.restype = ctypes.c_ssize_t
 
 
 def _prot(perms):
@@ -372,6 +376,8 @@ def _without_zero_pages(buffer, runs, zero_spans):
 
 # Where the target maps fresh anonymous memory: an all-zero page there need not travel.
 FRESH_KINDS = ("anon", "heap", "stack", "shared_anon")
+# Memory that userfaultfd can fill (missing-page mode): private anonymous memory.
+PRIVATE_ANON_KINDS = ("anon", "heap", "stack")
 
 
 def spans(section, kinds):
@@ -537,13 +543,99 @@ def relayout(restorer, old, new, discard, hole):
         restorer.madvise(start, length, MADV_DONTNEED)
 
 
-def fill(restorer, runs, payload):
-    """Send one batch of pages to their addresses."""
-    view = memoryview(payload)
-    offset = 0
-    for start, length in runs:
-        restorer.pages(start, view[offset:offset + length])
-        offset += length
+UFFD_FEATURE_SIGBUS = 1 << 7
+UFFDIO_COPY = 0xC028AA03  # _IOWR(0xAA, 0x03, struct uffdio_copy)
+
+
+class _UffdioCopy(ctypes.Structure):
+    _fields_ = [("dst", ctypes.c_uint64), ("src", ctypes.c_uint64), ("len", ctypes.c_uint64),
+                ("mode", ctypes.c_uint64), ("copy", ctypes.c_int64)]
+
+
+def uffdio_copy(fd, destination, source, length):
+    """Place `length` bytes from our address `source` as new pages at `destination` in the
+    process of userfaultfd `fd`: (bytes placed, 0 or the errno that stopped it)."""
+    arg = _UffdioCopy(dst=destination, src=source, len=length)
+    if _libc.ioctl(fd, ctypes.c_ulong(UFFDIO_COPY), ctypes.byref(arg)) == 0:
+        return length, 0
+    return max(arg.copy, 0), ctypes.get_errno()
+
+
+class _PyBuffer(ctypes.Structure):
+    _fields_ = [("buf", ctypes.c_void_p), ("obj", ctypes.c_void_p), ("len", ctypes.c_ssize_t),
+                ("itemsize", ctypes.c_ssize_t), ("readonly", ctypes.c_int), ("ndim", ctypes.c_int),
+                ("format", ctypes.c_char_p), ("shape", ctypes.c_void_p), ("strides", ctypes.c_void_p),
+                ("suboffsets", ctypes.c_void_p), ("internal", ctypes.c_void_p)]
+
+
+@contextlib.contextmanager
+def buffer_address(data):
+    """The address of a contiguous buffer, read-only ones too (a received ZeroMQ frame), held
+    while in use: pages go from there into the process without another copy."""
+    view = _PyBuffer()
+    ctypes.pythonapi.PyObject_GetBuffer(ctypes.py_object(data), ctypes.byref(view), 0)
+    try:
+        yield view.buf
+    finally:
+        ctypes.pythonapi.PyBuffer_Release(ctypes.byref(view))
+
+
+class _IoVec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+class PageWriter:
+    """Writes pages into the process being restored, from the agent, with one copy each. Its
+    private anonymous memory is registered with a userfaultfd: UFFDIO_COPY puts a page in place
+    where a write would first fault in a zeroed page (half the cost of filling memory). Pages
+    already there (a later pre-copy round) and other memory get process_vm_writev. With
+    UFFD_FEATURE_SIGBUS, a page touched before it is filled fails whoever touches it (it could
+    only be the restorer) instead of waiting for an answer that never comes."""
+
+    def __init__(self, restorer, section):
+        self.pid = restorer.pid
+        registered = spans(section, PRIVATE_ANON_KINDS)
+        self.fd = restorer.userfaultfd(registered, UFFD_FEATURE_SIGBUS)
+        self.registered = [(start, start + length) for start, length in registered]
+
+    def write(self, runs, payload):
+        """One batch of pages, `runs` laid end to end in `payload`."""
+        with buffer_address(payload) as base:
+            offset = 0
+            for start, length in runs:
+                done = 0
+                while done < length:
+                    done += self._place(start + done, base + offset + done, length - done)
+                offset += length
+
+    def _place(self, destination, source, length):
+        """Some of the pages, as many as one call takes; how many bytes."""
+        # UFFDIO_COPY takes a range inside one registered mapping only.
+        i = bisect.bisect_right(self.registered, (destination, 2 ** 64)) - 1
+        if i >= 0 and destination < self.registered[i][1]:
+            length = min(length, self.registered[i][1] - destination)
+            placed, err = uffdio_copy(self.fd, destination, source, length)
+            if placed:  # all of it, or up to a page that stopped it (EAGAIN then, whatever the cause)
+                return placed
+            if err not in (errno.EEXIST, errno.ENOENT):  # ENOENT: no longer registered (relayout)
+                raise UmigError(f"UFFDIO_COPY at {destination:#x} into pid {self.pid} failed: {os.strerror(err)}")
+        elif i + 1 < len(self.registered):
+            length = min(length, self.registered[i + 1][0] - destination)
+        # A page already there, or memory outside the userfaultfd: written like any memory, up to
+        # the next page of registered memory that is missing (where the write stops short).
+        local, remote = _IoVec(source, length), _IoVec(destination, length)
+        written = _libc.process_vm_writev(self.pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+        if written <= 0:
+            err = ctypes.get_errno() if written < 0 else errno.EFAULT
+            raise UmigError(f"writing {length} bytes at {destination:#x} into pid {self.pid} failed: "
+                            f"{os.strerror(err)}")
+        return written
+
+    def close(self):
+        """Unregisters the memory: the restorer may touch its pages again (the rseq area)."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 def finish(restorer, section):
