@@ -453,7 +453,7 @@ def bench_umig(workload, mode, binaries, workdir, run):
             bytes_source="umig --json bytes (page payload)",
             gb_per_s=int(result["bytes"]) / total / 1e9 if total > 0 else None,
             cpu_s=agent_cpu + cli_cpu, agent_cpu_s=agent_cpu, client_cpu_s=cli_cpu,
-            agent_peak_rss=agent_rss, client_peak_rss=cli_rss)
+            agent_peak_rss=agent_rss, client_peak_rss=cli_rss, phases=result["phases"])
         return row
     except DemoError as e:
         return row.fail(f"{e}\n{agent.log_tail(8)}")
@@ -682,8 +682,32 @@ def summarize(rows):
             if isinstance(value, float) or key in ("bytes", "pages", "agent_peak_rss", "client_peak_rss"):
                 values = sorted(r[key] for r in runs if r.get(key) is not None)
                 row[key] = values[len(values) // 2] if values else None
+        if "phases" in row:
+            row["phases"] = median_phases([r["phases"] for r in runs])
         summary.append(row)
     return summary
+
+
+def median_phases(runs):
+    """Each side's steps with the median of their milliseconds over runs (runs whose steps
+    differ from the first run's are left out)."""
+    median = {}
+    for side, steps in runs[0].items():
+        names = [name for name, _ in steps]
+        alike = [r[side] for r in runs if [name for name, _ in r[side]] == names]
+        median[side] = [[name, sorted(run[i][1] for run in alike)[len(alike) // 2]] for i, name in enumerate(names)]
+    return median
+
+
+def print_phases(rows):
+    """Where umig's time went, step by step on each side (umig migrate --json's phases)."""
+    say()
+    say("where the time goes (ms per step, umig's own clock; the source's steps run while the target's do):")
+    for r in rows:
+        if r["ok"] and r.get("phases"):
+            say(f"  {r['label']}, {MODE_LABELS[r['mode']]}:")
+            for side in ("source", "target"):
+                say(f"    {side}: " + ", ".join(f"{name} {value:.1f}" for name, value in r["phases"][side]))
 
 
 def print_table(rows):
@@ -944,6 +968,7 @@ def run(args):
         f"{args.repeat} run(s) each")
     summary = summarize(rows)
     print_table(summary)
+    print_phases(summary)
     ratios = criu_ratios(summary)
     say()
     if criu:

@@ -102,10 +102,10 @@ class Agent:
         try:
             reader = image.ImageReader(session.next_frame)
             restored = restore(reader, str(hello.get("pid_mode", "keep")), on_accept=accept)
-            session.send("ready", target_pid=restored.pid)
+            session.send("ready", target_pid=restored.pid, steps=restored.phases.steps)
             session.expect("commit")
             restored.resume()
-            session.send("running", target_pid=restored.pid)
+            session.send("running", target_pid=restored.pid, steps=restored.phases.steps)
             if restored.pager:
                 self.log(f"pid {pid} running as {restored.pid}; post-copy of {restored.pager.pending.count} pages")
                 ended = restored.complete(session, reader)

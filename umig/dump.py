@@ -152,18 +152,15 @@ def collect(frozen):
     return state, runs
 
 
-def write_image(writer, frozen, state, runs, after_state=None, last=None, drop_zero_pages=True):
-    """header, state, page batches, then `last` (the end record by default). after_state runs
-    between state and pages (migrate waits there for the target to accept)."""
+def write_image(writer, frozen, state, runs, after_state=None):
+    """header, state, page batches (all-zero pages of fresh memory left out), end. after_state
+    runs between state and pages (migrate waits there for the target to accept)."""
     writer.write(image.header(state["pid"]))
     writer.write(image.Record("state", state))
     if after_state:
         after_state()
-    write_pages(writer, frozen.pid, runs, memory.spans(state["memory"], memory.FRESH_KINDS) if drop_zero_pages else ())
-    if last:
-        writer.write(last)
-    else:
-        writer.end()
+    write_pages(writer, frozen.pid, runs, memory.spans(state["memory"], memory.FRESH_KINDS))
+    writer.end()
 
 
 def write_pages(writer, pid, runs, zero_spans=(), observe=None, tolerant=False):

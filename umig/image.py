@@ -104,9 +104,11 @@ class ImageReader:
         if seq != self._seq:
             raise DamagedImage(f"damaged image: record {seq} arrived where record {self._seq} belongs")
         # A live migration's stream has a second, final state after the pages copied while it ran;
-        # a lazy one says where the process resumes, and the rest of its pages follow.
+        # a lazy one has its final state right after the first, says where the process resumes,
+        # and the rest of its pages follow.
         expected = ("header",) if seq == 0 else ("state",) if seq == 1 else \
             ("pages", "state", "end") if self._mode == "live" else \
+            ("state",) if self._mode == "lazy" and seq == 2 else \
             ("pages", "resume") if self._mode == "lazy" else ("pages", "end")
         if kind not in expected:
             raise DamagedImage(f"damaged image: a {kind} record where {' or '.join(expected)} belongs")

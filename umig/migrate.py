@@ -10,6 +10,7 @@ import os
 import time
 
 from umig import dump, image, postcopy, precopy
+from umig.phases import Phases
 from umig.errors import UmigError
 from umig.procfs import PAGE_SIZE
 from umig.transport import Connection, is_loopback
@@ -23,28 +24,36 @@ def default_codec(endpoint):
 def migrate(pid, target, requested_pid_mode="keep", timeout=60.0, live=False, lazy=False, codec=None,
             tracking="userfaultfd", notice=lambda line: None):
     started = time.monotonic()
+    phases = Phases()
     dump.refuse_blocked(pid)
     connection = Connection(target, timeout)
     frozen = None
     try:
         connection.send_control("hello", pid=pid, pid_mode=requested_pid_mode, host=os.uname().nodename)
         welcome = connection.expect("welcome", "greeting")
+        phases.mark("check and connect")
         frozen = dump.freeze(pid)
+        phases.mark("freeze")
         state, runs = dump.collect(frozen)
+        phases.mark("collect")
         writer = image.ImageWriter(connection.send_record, codec or default_codec(connection.endpoint))
         if live:
-            extra = _precopy(frozen, state, runs, writer, connection, tracking, notice)
+            extra = _precopy(frozen, state, runs, writer, connection, tracking, notice, phases)
         elif lazy:
-            lazy_runs = _postcopy_start(frozen, state, runs, writer, connection)
+            lazy_runs, first_freeze = _postcopy_start(frozen, state, writer, connection, phases)
         else:
             dump.write_image(writer, frozen, state, runs,
                              after_state=lambda: connection.expect("accepted", "checking the image"))
-        connection.expect("ready", "restoring")
+            phases.mark("image")
+        ready = connection.expect("ready", "restoring")
+        phases.mark("target ready")
         connection.send_control("commit")
         running = connection.expect("running", "resuming")
+        phases.mark("commit and resume")
         resumed_at = time.monotonic()
         if lazy:
             postcopy.serve(pid, writer, connection, lazy_runs)
+            phases.mark("post-copy")
         frozen.release()
     except BaseException as e:
         try:
@@ -61,29 +70,44 @@ def migrate(pid, target, requested_pid_mode="keep", timeout=60.0, live=False, la
     result = {"source_pid": pid, "target": connection.endpoint, "target_name": welcome.get("name"),
               "target_pid": running["target_pid"], "pages": writer.pages, "bytes": writer.bytes,
               "wire_bytes": writer.wire_bytes,
-              "total_s": round(time.monotonic() - started, 6), "frozen_s": round(resumed_at - frozen.stopped_at, 6)}
+              "total_s": round(time.monotonic() - started, 6), "frozen_s": round(resumed_at - frozen.stopped_at, 6),
+              "phases": {"source": phases.steps, "target": ready.get("steps", []) + running.get("steps", [])}}
     if lazy:
-        result.update(mode="lazy", postcopy_s=round(time.monotonic() - resumed_at, 6))
+        # As under --live, the process was also held for its first state.
+        result.update(mode="lazy", postcopy_s=round(time.monotonic() - resumed_at, 6),
+                      first_freeze_s=round(first_freeze, 6), frozen_s=max(result["frozen_s"], round(first_freeze, 6)))
     if live:
         # The process was also held while its first state was taken and the tracker armed.
         result.update(extra, mode="live", frozen_s=max(result["frozen_s"], extra["first_freeze_s"]))
     return result
 
 
-def _postcopy_start(frozen, state, runs, writer, connection):
-    """The lazy path up to the resume: the state and the pages userfaultfd cannot bring later.
-    Returns the runs that follow once the process runs on the target."""
-    eager, lazy_runs = postcopy.split(state, runs)
-    dump.write_image(writer, frozen, dict(state, mode="lazy", lazy_runs=lazy_runs), eager,
-                     after_state=lambda: connection.expect("accepted", "checking the image"),
-                     last=image.Record("resume", {"pages": sum(length for _, length in lazy_runs) // PAGE_SIZE}),
-                     # An eager page left out would be missing, and the restorer may touch it
-                     # (the rseq area) before anyone serves faults.
-                     drop_zero_pages=False)
-    return lazy_runs
+def _postcopy_start(frozen, state, writer, connection, phases):
+    """The lazy path up to the resume. A first state lets the target check it, start the restorer
+    and lay out the mappings while the process runs on; then, frozen again, the final state and
+    the pages userfaultfd cannot bring later. Returns the runs that follow once the process runs
+    on the target, and how long the first freeze took."""
+    writer.write(image.header(state["pid"]))
+    writer.write(image.Record("state", dict(state, mode="lazy")))
+    frozen.run()
+    first_freeze = time.monotonic() - frozen.stopped_at
+    phases.mark("first state sent")
+    connection.expect("accepted", "checking the image")
+    phases.mark("target prepared")
+    frozen.stop()
+    final, runs = dump.collect(frozen)
+    phases.mark("stop and final collect")
+    eager, lazy_runs = postcopy.split(final, runs)
+    writer.write(image.Record("state", dict(final, mode="lazy", lazy_runs=lazy_runs, discard=[])))
+    # An eager page left out would be missing, and the restorer may touch it (the rseq area)
+    # before anyone serves faults.
+    dump.write_pages(writer, frozen.pid, eager)
+    writer.write(image.Record("resume", {"pages": sum(length for _, length in lazy_runs) // PAGE_SIZE}))
+    phases.mark("final state and eager pages")
+    return lazy_runs, first_freeze
 
 
-def _precopy(frozen, state, runs, writer, connection, tracking, notice):
+def _precopy(frozen, state, runs, writer, connection, tracking, notice, phases):
     """The live path: first state, memory copied while the process runs, then the final state
     and what changed (the process frozen again). Returns the figures of the pre-copy."""
     writer.write(image.header(state["pid"]))
@@ -91,18 +115,23 @@ def _precopy(frozen, state, runs, writer, connection, tracking, notice):
     frozen.tracker = precopy.tracker(frozen, state["memory"], tracking, notice)
     frozen.run()
     first_freeze = time.monotonic() - frozen.stopped_at
+    phases.mark("first state sent, tracker armed")
     connection.expect("accepted", "checking the image")
     written, rounds, reason = precopy.copy_rounds(
         frozen, frozen.tracker, runs,
         lambda pid, round_runs: dump.write_pages(writer, pid, round_runs, observe=frozen.tracker.sent,
                                                  tolerant=True))
+    phases.mark("rounds, then stop and last scan")
     tracker, frozen.tracker = frozen.tracker, None
     tracker.disarm()
+    phases.mark("disarm tracker")
     final, final_runs = dump.collect(frozen)
+    phases.mark("final collect")
     send, discard = precopy.final_pages(state["memory"], final["memory"], written, final_runs, tracker.tracked,
                                         tracker.lost)
     writer.write(image.Record("state", dict(final, discard=discard)))
     dump.write_pages(writer, frozen.pid, send)
     writer.end()
+    phases.mark("final image")
     return {"first_freeze_s": round(first_freeze, 6), "rounds": rounds, "rounds_ended": reason,
             "tracking": tracker.method}

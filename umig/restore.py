@@ -8,6 +8,7 @@ the final registers, xsave state and signal mask, and lets it run only on commit
 import os
 
 from umig import postcopy, procfs
+from umig.phases import Phases
 from umig.ptrace import Registers, Tracee
 from umig.restorer import Restorer
 from umig.state import credentials, files, memory, mm, registers, rseq, signals, task
@@ -35,8 +36,9 @@ def check_target(state, built=None):
 class RestoredProcess:
     """A rebuilt process held at its restorer's last syscall, waiting for resume() or discard()."""
 
-    def __init__(self, restorer, tracee, state, pager=None):
+    def __init__(self, restorer, tracee, state, phases, pager=None):
         self.restorer = restorer
+        self.phases = phases  # the restore's steps; resume() adds its own
         self.tracee = tracee
         self.state = state
         self.pager = pager  # post-copy: the pages still to come (umig/postcopy.py)
@@ -44,10 +46,12 @@ class RestoredProcess:
         self.init_pid = restorer.init_pid  # the PID namespace's init in "ns" mode, else None
 
     def resume(self):
+        self.phases = Phases()
         if self.pager:
             self.tracee.cont()  # still traced (and killed with the agent) until every page is in
         else:
             self.tracee.detach()
+        self.phases.mark("resume")
 
     def complete(self, session, records):
         """Post-copy: serve the process's missing pages until all have come, then let it go.
@@ -67,7 +71,9 @@ def restore(records, requested_pid_mode="keep", on_accept=None):
     Returns a RestoredProcess, stopped; on any failure nothing it started is left behind."""
     header = next(records)
     state = next(records).meta
+    phases = Phases()
     check_target(state)
+    phases.mark("check")
     restorer = Restorer()
     restorer.start(pid_mode(requested_pid_mode, state["pid"]), state["pid"])
     pager = None
@@ -77,27 +83,32 @@ def restore(records, requested_pid_mode="keep", on_accept=None):
         tracee.interrupt()  # register sets are only readable at a stop
         registers.check_target(state["registers"], tracee.get_xstate())
         tracee.cont()
-        if on_accept:
-            on_accept(header.meta, state)
+        phases.mark("start the restorer")
         restorer.close_fds(files.lowest_free_fd(state["files"]))
         hole = memory.prepare(restorer, state["memory"], procfs.maps(restorer.pid))
         pages = memory.PageWriter(restorer, state["memory"])
+        phases.mark("lay out the mappings")
         try:
+            if on_accept:  # the source may freeze the process again now (live and lazy)
+                on_accept(header.meta, state)
             for record in records:  # page batches, up to the verified end record
                 if record.kind == "pages":
                     pages.write(record.meta["runs"], record.payload)
-                elif record.kind == "state":  # a live migration's final state: the layout now, then its last pages
+                elif record.kind == "state":  # the final state (live, lazy): the layout now, then its last pages
+                    phases.mark("until the final state (pages of live rounds)")
                     final = record.meta
                     check_target(final, built=state)
                     memory.relayout(restorer, state["memory"], final["memory"], final["discard"], hole)
                     restorer.sync()  # the pages that follow go into the new layout
                     state = final
+                    phases.mark("final state: check and relayout")
                 elif record.kind == "resume":  # post-copy: the rest comes once the process runs
                     pages.close()  # its memory is registered anew, to be served
                     pager = postcopy.Pager(restorer, state["memory"], state["lazy_runs"])
                     break
         finally:
             pages.close()
+        phases.mark("pages (arriving)")
         memory.finish(restorer, state["memory"])
         mm.restore(restorer, state["mm"])
         files.restore(restorer, state["files"])
@@ -106,10 +117,12 @@ def restore(records, requested_pid_mode="keep", on_accept=None):
         rseq.restore(restorer, state["rseq"])
         credentials.restore(restorer, state["credentials"])
         restorer.finish()
+        phases.mark("restorer steps")
         tracee.finish_restore(Registers.from_bytes(state["registers"]["gpr"]), state["registers"]["xstate"],
                               state["signals"]["blocked"])
         task.restore_from_outside(restorer.pid, state["task"])
-        return RestoredProcess(restorer, tracee, state, pager)
+        phases.mark("registers and the rest")
+        return RestoredProcess(restorer, tracee, state, phases, pager)
     except BaseException:
         restorer.kill()
         if pager:

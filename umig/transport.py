@@ -9,9 +9,10 @@ messages carry one msgpack frame after it, image records carry their own frames 
   record header, record state   ->
                                 <-    accepted | failed {reason}
   record pages ..., record end  ->    (failed {reason} may come at any time)
-                                <-    ready {target_pid} | failed {reason}
+                                <-    ready {target_pid, steps} | failed {reason}
   commit                        ->
-                                <-    running {target_pid} | failed {reason}
+                                <-    running {target_pid, steps} | failed {reason}
+  (steps: the target's [name, milliseconds] of the restore, then of the resume: umig/phases.py)
   post-copy (--lazy) only, once the process runs on the target:
   record pages ..., record end  ->    (the lazy pages, a few records ahead of the last placed)
                                 <-    fetch {address} (a fault)  placed (a pages record is in)
