@@ -8,6 +8,7 @@
 #   make demo        migrate a ticking process between two agents on this host
 #   make test        run the test suite (pytest)
 #   make bench       benchmark harness (docs/performance.md); BENCH_ARGS=--quick for a tiny run
+#   make bounds      what bounds stop-and-copy's throughput here: each stage timed alone
 #   make experiment  scheduling policies on emulated nodes (docs/scheduling.md)
 #   make clean       remove build products (keeps .venv/); distclean also removes .venv/
 
@@ -41,7 +42,7 @@ else \
 fi
 endef
 
-.PHONY: all help install restorer system-deps demo test bench experiment clean distclean
+.PHONY: all help install restorer system-deps demo test bench bounds experiment clean distclean
 
 all: install
 
@@ -94,6 +95,9 @@ test: install system-deps
 bench: install
 	@[ "$$(id -u)" = 0 ] || echo "==> warning: the benchmark needs root (ptrace, namespaces)" >&2
 	$(VENV_PY) benchmarks/bench.py $(BENCH_ARGS)
+
+bounds: install
+	$(VENV_PY) benchmarks/bounds.py
 
 # EXPERIMENT_ARGS=--quick for the smoke-test variant.
 EXPERIMENT_ARGS ?=

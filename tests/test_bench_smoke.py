@@ -37,4 +37,19 @@ def test_quick_run_writes_sane_json(tmp_path):
     assert row["cpu_s"] > 0 and row["agent_cpu_s"] >= 0 and row["client_cpu_s"] > 0
     assert row["agent_peak_rss"] > 0 and row["client_peak_rss"] > 0
     assert row["target_pid"] != row["source_pid"]
+    # Where the time went: both sides' steps, the source's from its check to the commit.
+    source, target = (dict(row["phases"][side]) for side in ("source", "target"))
+    assert list(source)[:3] == ["check and connect", "freeze", "collect"] and "commit and resume" in source
+    assert "pages (arriving)" in target and target["resume"] >= 0
+    assert sum(source.values()) <= row["total_s"] * 1e3 + 1
     assert {t["result"] for t in doc["targets"]} <= {"pass", "FAIL", "n/a"}
+
+
+def test_bounds_measures_every_stage():
+    res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bounds.py"), "--mib", "16", "--repeat", "1"],
+                         stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120,
+                         env=umig_env(), cwd=REPO)
+    assert res.returncode == 0, f"stdout:\n{res.stdout}\nstderr:\n{res.stderr}"
+    for stage in ("read /proc/PID/mem", "xxh3 digest", "ZeroMQ over loopback TCP", "UFFDIO_COPY into the process"):
+        assert stage in res.stdout
+    assert "bound for a pipeline on" in res.stdout
