@@ -168,7 +168,8 @@ def write_pages(writer, pid, runs, zero_spans=(), observe=None, tolerant=False):
     given, sees each batch as sent; tolerant: pages gone meanwhile skipped, for a process that
     runs); returns the bytes written."""
     sent = 0
-    for batch_runs, buffer in memory.read_batches(pid, runs, zero_spans=zero_spans, tolerant=tolerant):
+    for batch_runs, buffer in memory.read_batches(pid, runs, zero_spans=zero_spans, tolerant=tolerant,
+                                                  ring=writer.holds + 1):
         writer.write(image.Record("pages", {"runs": batch_runs}, buffer))
         if observe:
             observe(batch_runs, buffer)

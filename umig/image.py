@@ -173,8 +173,9 @@ class ImageWriter:
     """Numbers records, compresses page payloads if asked, keeps the end record's counts (of
     pages as they are) and how many bytes went out, and hands frames to a sink."""
 
-    def __init__(self, send_frames, codec="none"):
+    def __init__(self, send_frames, codec="none", holds=0):
         self._send_frames = send_frames
+        self.holds = holds  # records whose payload the sink may still be reading when it returns
         self._compress = CODECS[codec][0] if codec != "none" else None
         self._codec = codec
         self._seq = 0

@@ -13,7 +13,7 @@ from umig import dump, image, postcopy, precopy
 from umig.phases import Phases
 from umig.errors import UmigError
 from umig.procfs import PAGE_SIZE
-from umig.transport import Connection, is_loopback
+from umig.transport import UNSENT_RECORDS, Connection, is_loopback
 
 
 def default_codec(endpoint):
@@ -36,7 +36,8 @@ def migrate(pid, target, requested_pid_mode="keep", timeout=60.0, live=False, la
         phases.mark("freeze")
         state, runs = dump.collect(frozen)
         phases.mark("collect")
-        writer = image.ImageWriter(connection.send_record, codec or default_codec(connection.endpoint))
+        writer = image.ImageWriter(connection.send_record, codec or default_codec(connection.endpoint),
+                                   holds=UNSENT_RECORDS)
         if live:
             extra = _precopy(frozen, state, runs, writer, connection, tracking, notice, phases)
         elif lazy:

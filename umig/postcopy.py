@@ -63,7 +63,7 @@ def split(state, runs):
 def serve(pid, writer, connection, lazy_runs):
     """Stream the lazy pages while answering the target's faults first; returns when the target
     has every page."""
-    background = memory.read_batches(pid, lazy_runs)
+    background = memory.read_batches(pid, lazy_runs, ring=writer.holds + 1)
     streaming = True
     in_flight = 0  # page records sent and not yet placed by the target
     while True:
@@ -91,7 +91,7 @@ def serve(pid, writer, connection, lazy_runs):
         if not streaming:
             continue  # every page is on its way already: the stream has ended
         wanted = memory.intersect(lazy_runs, [[meta["address"], PREFETCH_PAGES * PAGE_SIZE]])
-        for batch_runs, buffer in memory.read_batches(pid, wanted):
+        for batch_runs, buffer in memory.read_batches(pid, wanted, ring=writer.holds + 1):
             writer.write(image.Record("pages", {"runs": batch_runs}, buffer))
             in_flight += 1
 

@@ -35,6 +35,9 @@ from umig.errors import UmigError
 DEFAULT_PORT = 7707
 # Page batches are ~1 MiB: a few in flight keep the pipe full and the memory bounded.
 HIGH_WATER_MARK = 8
+# Records go out without a copy (ZeroMQ reads the caller's buffer); at most this many may still be
+# unsent when send_record returns, so a buffer is free again this many records later.
+UNSENT_RECORDS = HIGH_WATER_MARK + 4
 # A silent source is asked after this long whether it is still there.
 PING_INTERVAL = 1.0
 
@@ -95,6 +98,7 @@ class Connection:
         self._poller.register(self._monitor, zmq.POLLIN)
         self._connected = False
         self._pending = collections.deque()
+        self._unsent = collections.deque()  # trackers of records ZeroMQ may still be reading
         try:
             self._socket.connect(self.endpoint)
         except zmq.ZMQError as e:
@@ -127,7 +131,7 @@ class Connection:
         finally:
             self._poller.unregister(self._socket)
 
-    def send(self, frames, what="sending"):
+    def send(self, frames, what="sending", copy=True):
         # A failure the agent reports while pages still stream must stop the stream at once.
         while self._socket.poll(0, zmq.POLLIN):
             incoming = self._socket.recv_multipart()
@@ -137,11 +141,18 @@ class Connection:
             if kind != "ping":  # the agent checking that we are still here
                 self._pending.append(incoming)
         self._wait(zmq.POLLOUT, what)
-        # Copied into ZeroMQ's own message: the page buffer is reused for the next batch.
-        self._socket.send_multipart(frames, copy=True)
+        if copy:
+            self._socket.send_multipart(frames)
+            return
+        # A copy into ZeroMQ's own message would cost a fresh megabyte (page faults and zeroing)
+        # per record: as much CPU as the kernel's copies of the same bytes.
+        self._unsent.append(self._socket.send_multipart(frames, copy=False, track=True))
+        while len(self._unsent) > UNSENT_RECORDS:
+            self._unsent.popleft().wait()
 
     def send_record(self, frames):
-        self.send([b"record"] + frames, "sending the image")
+        """Send an image record; its buffers must stay as they are for UNSENT_RECORDS more records."""
+        self.send([b"record"] + frames, "sending the image", copy=False)
 
     def send_control(self, kind, **meta):
         self.send(control(kind, **meta), f"sending {kind}")

@@ -305,18 +305,25 @@ def complement(runs, start, end):
     return gaps
 
 
-def read_batches(pid, runs, batch_bytes=BATCH_BYTES, zero_spans=(), tolerant=False):
+def read_batches(pid, runs, batch_bytes=BATCH_BYTES, zero_spans=(), tolerant=False, ring=1):
     """Yield (runs, buffer) batches of about batch_bytes, read straight from /proc/PID/mem
     (which, unlike process_vm_readv, also reads PROT_NONE and read-only pages). Pages that are
     all zeros inside `zero_spans` (fresh anonymous memory on the target, where zeros are what an
     untouched page reads) are left out.
 
-    One buffer serves every batch (a fresh megabyte per batch costs page faults that halve the
-    throughput): each batch must be consumed before the next is asked for. `tolerant` skips what
-    cannot be read (a running process may unmap memory between the scan and the read)."""
+    A ring of `ring` buffers serves every batch in turn (a fresh megabyte per batch costs page
+    faults that halve the throughput): a batch must be consumed before `ring` more are asked
+    for. `tolerant` skips what cannot be read (a running process may unmap memory between the
+    scan and the read)."""
     mem = os.open(procfs.proc_path(pid, "mem"), os.O_RDONLY)
-    store = bytearray(batch_bytes)
-    buffer = memoryview(store)
+    size = min(batch_bytes, sum(length for _, length in runs))
+    stores = []
+
+    def next_buffer():
+        stores.append(bytearray(size) if len(stores) < ring else stores.pop(0))  # the oldest, once all exist
+        return stores[-1], memoryview(stores[-1])
+
+    store, buffer = next_buffer()
 
     def batch(batch_runs, filled):
         # One scan in C finds out whether there is anything to drop at all.
@@ -328,7 +335,7 @@ def read_batches(pid, runs, batch_bytes=BATCH_BYTES, zero_spans=(), tolerant=Fal
         batch_runs, filled = [], 0
         for start, length in runs:
             while length:
-                take = min(length, batch_bytes - filled)
+                take = min(length, size - filled)
                 try:
                     complete = os.preadv(mem, [buffer[filled:filled + take]], start) == take
                 except OSError:
@@ -343,9 +350,10 @@ def read_batches(pid, runs, batch_bytes=BATCH_BYTES, zero_spans=(), tolerant=Fal
                 filled += take
                 start += take
                 length -= take
-                if filled == batch_bytes:
+                if filled == size:
                     yield batch(batch_runs, filled)
                     batch_runs, filled = [], 0
+                    store, buffer = next_buffer()
         if filled:
             yield batch(batch_runs, filled)
     finally:
