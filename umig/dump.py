@@ -135,10 +135,13 @@ def freeze(pid):
     return Frozen(pid).freeze()
 
 
-def collect(frozen):
-    """The image's state section and the page runs to carry."""
+def collect(frozen, also_inside=None):
+    """The image's state section and the page runs to carry. also_inside, if given, runs first
+    in the same spell of injected syscalls (each spell costs a scratch mapping and its removal)."""
     pid = frozen.pid
     with frozen.inside():
+        if also_inside:
+            also_inside()
         state = {
             "task": task.dump(frozen),
             "credentials": credentials.dump(frozen),

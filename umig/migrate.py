@@ -124,10 +124,8 @@ def _precopy(frozen, state, runs, writer, connection, tracking, notice, phases):
                                                  tolerant=True))
     phases.mark("rounds, then stop and last scan")
     tracker, frozen.tracker = frozen.tracker, None
-    tracker.disarm()
-    phases.mark("disarm tracker")
-    final, final_runs = dump.collect(frozen)
-    phases.mark("final collect")
+    final, final_runs = dump.collect(frozen, also_inside=tracker.disarm_inside)
+    phases.mark("disarm the tracker, final collect")
     send, discard = precopy.final_pages(state["memory"], final["memory"], written, final_runs, tracker.tracked,
                                         tracker.lost)
     writer.write(image.Record("state", dict(final, discard=discard)))

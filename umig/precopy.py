@@ -124,9 +124,13 @@ class WriteTracker:
 
     def disarm(self):
         """Close the userfaultfd inside the (stopped) process: its mappings are unregistered."""
-        os.close(self._pagemap)
         with self.frozen.inside():
-            self.frozen.syscall_checked("close of the userfaultfd", SYS_CLOSE, self.fd)
+            self.disarm_inside()
+
+    def disarm_inside(self):
+        """disarm() within a spell of injected syscalls already open (Frozen.inside())."""
+        os.close(self._pagemap)
+        self.frozen.syscall_checked("close of the userfaultfd", SYS_CLOSE, self.fd)
 
 
 class HashTracker:
@@ -163,6 +167,8 @@ class HashTracker:
 
     def disarm(self):
         """Nothing was put inside the process."""
+
+    disarm_inside = disarm
 
 
 def _neighbourhoods(mappings):
