@@ -118,8 +118,10 @@ class Frozen:
             self.tracee.detach()
 
     def release(self):
-        """The process lives elsewhere now: end this copy."""
+        """The process lives elsewhere now: end this copy (with its write tracker, if armed)."""
         self.tracee.kill()
+        if self.tracker is not None:
+            self.tracker.forget()
 
 
 def refuse_blocked(pid):
@@ -135,13 +137,11 @@ def freeze(pid):
     return Frozen(pid).freeze()
 
 
-def collect(frozen, also_inside=None):
-    """The image's state section and the page runs to carry. also_inside, if given, runs first
-    in the same spell of injected syscalls (each spell costs a scratch mapping and its removal)."""
+def collect(frozen, hidden_fds=()):
+    """The image's state section and the page runs to carry; `hidden_fds` are umig's own,
+    left in the process (the live write tracker's userfaultfd) and not part of it."""
     pid = frozen.pid
     with frozen.inside():
-        if also_inside:
-            also_inside()
         state = {
             "task": task.dump(frozen),
             "credentials": credentials.dump(frozen),
@@ -151,7 +151,7 @@ def collect(frozen, also_inside=None):
     # After the scratch page is gone, so that memory is exactly the process's own.
     state["memory"], runs = memory.dump(pid)
     state.update(pid=procfs.namespace_pid(pid), rseq=frozen.rseq, registers=registers.dump(frozen),
-                 files=files.dump(pid))
+                 files=files.dump(pid, hidden_fds))
     return state, runs
 
 

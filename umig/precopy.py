@@ -122,15 +122,20 @@ class WriteTracker:
     def sent(self, runs, buffer):
         """Nothing to note: the kernel keeps the record."""
 
+    @property
+    def fds(self):
+        """Its descriptors in the process, which are umig's and do not travel."""
+        return (self.fd,)
+
     def disarm(self):
         """Close the userfaultfd inside the (stopped) process: its mappings are unregistered."""
-        with self.frozen.inside():
-            self.disarm_inside()
-
-    def disarm_inside(self):
-        """disarm() within a spell of injected syscalls already open (Frozen.inside())."""
         os.close(self._pagemap)
-        self.frozen.syscall_checked("close of the userfaultfd", SYS_CLOSE, self.fd)
+        with self.frozen.inside():
+            self.frozen.syscall_checked("close of the userfaultfd", SYS_CLOSE, self.fd)
+
+    def forget(self):
+        """The process has ended, its userfaultfd with it: only our side to close."""
+        os.close(self._pagemap)
 
 
 class HashTracker:
@@ -165,10 +170,12 @@ class HashTracker:
                 offset += length
         return changed
 
+    fds = ()  # nothing was put inside the process
+
     def disarm(self):
         """Nothing was put inside the process."""
 
-    disarm_inside = disarm
+    forget = disarm
 
 
 def _neighbourhoods(mappings):

@@ -67,9 +67,11 @@ def check(pid):
     return blockers
 
 
-def dump(pid):
+def dump(pid, hidden=()):
     fds = []
     for fd in procfs.fd_numbers(pid):
+        if fd in hidden:
+            continue
         kind, path, st = _kind(pid, fd)
         info = procfs.fdinfo(pid, fd)
         entry = {"fd": fd, "kind": kind, "path": path, "flags": int(info["flags"], 8),

@@ -26,6 +26,7 @@ MAP_SHARED, MAP_PRIVATE, MAP_ANONYMOUS, MAP_GROWSDOWN, MAP_NORESERVE = 0x01, 0x0
 # kernel from merging the mapping with a neighbour that lacks them, so the layout depends on them.
 MADVISED = {"dd": 16, "dc": 10, "wf": 18, "hg": 14, "nh": 15, "mg": 12}  # MADV_DONTDUMP, ...
 MADV_DONTNEED, MADV_POPULATE_WRITE = 4, 23
+_USERFAULTFD_FLAGS = {"um", "uw", "ui"}
 
 # Special mappings of the kernel's vDSO family ([vvar], [vvar_vclock], [vdso], ...): code in the vDSO
 # finds its data by fixed offsets, so the set moves as one block and keeps its layout.
@@ -248,10 +249,13 @@ def dump(pid):
     vm_flags = procfs.vm_flags(pid)
     try:
         for entry in procfs.maps(pid):
-            kind = classify(pid, entry, vm_flags[entry.start])
+            # Registrations with a userfaultfd (um, uw, ui) are the live write tracker's: they
+            # do not travel, nor tell a mapping from the one built before the tracker was armed.
+            flags = [flag for flag in vm_flags[entry.start] if flag not in _USERFAULTFD_FLAGS]
+            kind = classify(pid, entry, flags)
             mapping = {"start": entry.start, "end": entry.end, "prot": _prot(entry.perms),
                        "shared": entry.shared, "offset": entry.offset, "kind": kind, "path": entry.path,
-                       "vmflags": vm_flags[entry.start]}
+                       "vmflags": flags}
             if kind in ("file", "shared_file") and entry.path not in files:
                 files[entry.path] = file_identity(entry.path, content=kind == "file")
             if kind == "vdso":
