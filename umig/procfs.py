@@ -76,17 +76,20 @@ def maps(pid):
     return entries
 
 
-def vm_flags(pid):
-    """The VmFlags mnemonics of each mapping, by start address (/proc/PID/smaps)."""
-    flags, start = {}, None
+def smaps(pid):
+    """Per mapping, by start address (/proc/PID/smaps): `vmflags`, its VmFlags mnemonics, and
+    `rss` and `swap`, its resident and swapped-out bytes."""
+    mappings, current = {}, None
     for line in read_text(pid, "smaps").splitlines():
         # A mapping's header starts with its lowercase hex address; its fields, with a
         # capitalised name. A regular expression per line cost a millisecond per collect.
         if line[0] in _HEX_DIGITS:
-            start = int(line[:line.index("-")], 16)
+            current = mappings[int(line[:line.index("-")], 16)] = {"vmflags": [], "rss": 0, "swap": 0}
         elif line.startswith("VmFlags:"):
-            flags[start] = line.split()[1:]
-    return flags
+            current["vmflags"] = line.split()[1:]
+        elif line.startswith(("Rss:", "Swap:")):
+            current[line[:line.index(":")].lower()] = int(line.split()[1]) * 1024  # kB
+    return mappings
 
 
 def status(pid):

@@ -103,10 +103,10 @@ def classify(pid, entry, vmflags):
 
 def check(pid):
     blockers = []
-    vm_flags = procfs.vm_flags(pid)
+    smaps = procfs.smaps(pid)
     for entry in procfs.maps(pid):
         try:
-            classify(pid, entry, vm_flags.get(entry.start, []))
+            classify(pid, entry, smaps[entry.start]["vmflags"] if entry.start in smaps else [])
         except Refused as e:
             blockers.append(str(e))
     return blockers
@@ -211,13 +211,19 @@ def _shmem_runs(pid, mapping):
         os.close(fd)
 
 
-def _runs_to_carry(pid, pagemap_fd, mapping):
-    """Page runs of a mapping that must travel, as [start, length] pairs."""
+def _runs_to_carry(pid, pagemap_fd, mapping, usage=None):
+    """Page runs of a mapping that must travel, as [start, length] pairs (`usage`: its smaps
+    figures, when known)."""
     kind = mapping["kind"]
     if kind in ("vdso", "vsyscall", "shared_file"):
         return []
     if kind == "shared_anon":
         return _shmem_runs(pid, mapping)
+    size = mapping["end"] - mapping["start"]
+    if kind in PRIVATE_ANON_KINDS and usage and usage["rss"] == size and not usage["swap"]:
+        # Every page resident (and none the shared zero page, which Rss leaves out): all of it
+        # travels, without a page-table walk of PAGEMAP_SCAN (milliseconds per GiB).
+        return [[mapping["start"], size]]
     runs = []
     for start, end, categories in _scan(pagemap_fd, mapping["start"], mapping["end"],
                                         PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
@@ -246,12 +252,12 @@ def dump(pid):
     """The memory section of the image, and the page runs to read (in address order)."""
     mappings, files, runs = [], {}, []
     pagemap_fd = os.open(procfs.proc_path(pid, "pagemap"), os.O_RDONLY)
-    vm_flags = procfs.vm_flags(pid)
+    smaps = procfs.smaps(pid)
     try:
         for entry in procfs.maps(pid):
             # Registrations with a userfaultfd (um, uw, ui) are the live write tracker's: they
             # do not travel, nor tell a mapping from the one built before the tracker was armed.
-            flags = [flag for flag in vm_flags[entry.start] if flag not in _USERFAULTFD_FLAGS]
+            flags = [flag for flag in smaps[entry.start]["vmflags"] if flag not in _USERFAULTFD_FLAGS]
             kind = classify(pid, entry, flags)
             mapping = {"start": entry.start, "end": entry.end, "prot": _prot(entry.perms),
                        "shared": entry.shared, "offset": entry.offset, "kind": kind, "path": entry.path,
@@ -260,7 +266,7 @@ def dump(pid):
                 files[entry.path] = file_identity(entry.path, content=kind == "file")
             if kind == "vdso":
                 mapping["sha256"] = _vdso_digest(pid, entry)
-            carried = _runs_to_carry(pid, pagemap_fd, mapping)
+            carried = _runs_to_carry(pid, pagemap_fd, mapping, smaps[entry.start])
             mapping["pages"] = sum(length for _, length in carried) // PAGE_SIZE
             mappings.append(mapping)
             runs.extend(carried)
