@@ -71,24 +71,30 @@ def migrate_expecting_failure(pid, target, *extra, timeout=120):
 
 # --------------------------------------------------------------------------- (a) agent dies
 
+def migrate_killing_the_agent(victim, pid, *extra):
+    """Migrate pid to the agent `victim` and SIGKILL the agent as soon as it announces the
+    incoming process; returns umig migrate's one-line error."""
+    mark = victim.mark()
+    client = subprocess.Popen(umig_cmd("migrate", pid, victim.target(), *extra), stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=umig_env(), cwd=REPO)
+    try:
+        victim.wait_for_line(rf"^victim: incoming pid {pid} ", 60, mark)
+        victim.kill()
+        out, err = client.communicate(timeout=120)
+    finally:
+        if client.poll() is None:
+            client.kill()
+    return assert_clean_failure(subprocess.CompletedProcess(client.args, client.returncode, out, err),
+                                what="umig migrate")
+
+
 def test_agent_killed_mid_transfer(pair, agent_factory, registry):
     """SIGKILL the target agent as soon as it announces the incoming process (1 GiB resident,
     so the pages are still streaming)."""
     victim = agent_factory("victim")
     ref, src = pair("big", "1024")
     since = time.time()
-    mark = victim.mark()
-    client = subprocess.Popen(umig_cmd("migrate", src.pid, victim.target()), stdin=subprocess.DEVNULL,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=umig_env(), cwd=REPO)
-    try:
-        victim.wait_for_line(rf"^victim: incoming pid {src.pid} ", 60, mark)
-        victim.kill()
-        out, err = client.communicate(timeout=120)
-    finally:
-        if client.poll() is None:
-            client.kill()
-    line = assert_clean_failure(subprocess.CompletedProcess(client.args, client.returncode, out, err),
-                                what="umig migrate")
+    line = migrate_killing_the_agent(victim, src.pid)
     assert not any("restored as" in ln for ln in victim.lines), f"the agent finished before it was killed: {line}"
     assert_target_clean(victim, since, registry, markers=[src.argv[0]], source_pid=src.pid)
     finish_and_compare(src, ref)

@@ -10,7 +10,7 @@ import time
 from conftest import (alive, assert_maps_equal, c_workload, migrate, proc_state, read_maps, umig_cmd, umig_env,
                       wait_until)
 from test_failures import (assert_target_clean, finish_and_compare, migrate_expecting_failure,  # noqa: F401
-                           pair)
+                           migrate_killing_the_agent, pair)
 from test_live import WRITER_MIB, assert_writer_exact
 
 
@@ -37,6 +37,18 @@ def test_lazy_restore_fails_before_resume(pair, agent_factory, registry):
     assert "rlimit" in line.lower(), line
     low.assert_alive()
     assert_target_clean(low, since, registry, markers=[src.argv[0]])
+    finish_and_compare(src, ref)
+
+
+def test_lazy_agent_killed_between_first_and_final_state(pair, agent_factory, registry):
+    """The agent dies once it has laid out the first state: the source, running again and traced
+    while it waited, is frozen for its final state or about to be; either way it goes on
+    untouched and finishes like a run never migrated."""
+    victim = agent_factory("victim")
+    ref, src = pair("big", "256")
+    since = time.time()
+    migrate_killing_the_agent(victim, src.pid, "--lazy")
+    assert_target_clean(victim, since, registry, markers=[src.argv[0]], source_pid=src.pid)
     finish_and_compare(src, ref)
 
 
