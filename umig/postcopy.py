@@ -29,9 +29,10 @@ from umig.transport import PING_INTERVAL
 
 LAZY_KINDS = memory.PRIVATE_ANON_KINDS
 PREFETCH_PAGES = 16  # a fault fetches its neighbours too: processes touch memory in runs
-# Background records sent ahead of the target's "placed": an answer to a fault queues behind at
-# most these (about a millisecond each), not behind megabytes of socket buffers.
-STREAM_WINDOW = 3
+# Background records sent ahead of the target's "placed", and their size: an answer to a fault
+# queues behind at most a megabyte (well under a millisecond), not behind the socket buffers.
+STREAM_WINDOW = 4
+BACKGROUND_BATCH = 256 << 10
 # While pages are missing the source streams without pause: this long a silence means it is gone.
 SOURCE_SILENCE = 10.0
 
@@ -63,7 +64,7 @@ def split(state, runs):
 def serve(pid, writer, connection, lazy_runs):
     """Stream the lazy pages while answering the target's faults first; returns when the target
     has every page."""
-    background = memory.read_batches(pid, lazy_runs, ring=writer.holds + 1)
+    background = memory.read_batches(pid, lazy_runs, batch_bytes=BACKGROUND_BATCH, ring=writer.holds + 1)
     streaming = True
     in_flight = 0  # page records sent and not yet placed by the target
     while True:
