@@ -10,6 +10,7 @@ import os
 import time
 
 from umig import dump, image, postcopy, precopy
+from umig.state import memory
 from umig.phases import Phases
 from umig.errors import UmigError
 from umig.procfs import PAGE_SIZE
@@ -118,10 +119,13 @@ def _precopy(frozen, state, runs, writer, connection, tracking, notice, phases):
     first_freeze = time.monotonic() - frozen.stopped_at
     phases.mark("first state sent, tracker armed")
     connection.expect("accepted", "checking the image")
-    written, rounds, reason = precopy.copy_rounds(
-        frozen, frozen.tracker, runs,
-        lambda pid, round_runs: dump.write_pages(writer, pid, round_runs, observe=frozen.tracker.sent,
-                                                 tolerant=True))
+    sent = []  # every run a round sent: what the target may hold that the process has dropped since
+
+    def send_round(pid, round_runs):
+        sent.extend(round_runs)
+        return dump.write_pages(writer, pid, round_runs, observe=frozen.tracker.sent, tolerant=True)
+
+    written, rounds, reason = precopy.copy_rounds(frozen, frozen.tracker, runs, send_round)
     phases.mark("rounds, then stop and last scan")
     # The tracker stays armed: closing its userfaultfd write-unprotects every page, milliseconds
     # per GiB of the freeze, and a source released dies with it. Only a thaw disarms it.
@@ -129,7 +133,7 @@ def _precopy(frozen, state, runs, writer, connection, tracking, notice, phases):
     final, final_runs = dump.collect(frozen, hidden_fds=tracker.fds)
     phases.mark("final collect")
     send, discard = precopy.final_pages(state["memory"], final["memory"], written, final_runs, tracker.tracked,
-                                        tracker.lost)
+                                        tracker.lost, memory.union(sent, []))
     writer.write(image.Record("state", dict(final, discard=discard)))
     dump.write_pages(writer, frozen.pid, send)
     writer.end()

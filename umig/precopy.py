@@ -230,10 +230,12 @@ def copy_rounds(frozen, tracker, runs, write_pages):
         rounds.append({"pages": sent // procfs.PAGE_SIZE, "seconds": round(elapsed, 6)})
 
 
-def final_pages(first, final, written, final_runs, tracked, lost):
+def final_pages(first, final, written, final_runs, tracked, lost, sent):
     """What the frozen copy must send, and what the target must drop: in mappings unchanged since
     the first state, tracked and not `lost` by the tracker, the pages written since the last
-    round; in the others, all their pages; and in the unchanged ones, every page the process no longer has."""
+    round; in the others, all their pages; and in the unchanged ones, every page `sent` before
+    that the process no longer has (the others are still as the target made them: asking for
+    the holes of a sparse mapping cost thousands of steps)."""
     # Shared memory is sent whole: others may write it, and a page the kernel reclaims from this
     # process's page tables takes its write-protect record along.
     unchanged = ({memory.same_mapping(m) for m in first["mappings"]}
@@ -246,5 +248,5 @@ def final_pages(first, final, written, final_runs, tracked, lost):
     # The two parts are disjoint, and a run never spans two mappings: sorting merges them.
     send = sorted(memory.intersect(memory.intersect(final_runs, kept), written)
                   + memory.intersect(final_runs, changed))
-    discard = memory.intersect(kept, memory.complement(final_runs, 0, 2 ** 64))
+    discard = memory.intersect(memory.intersect(kept, memory.complement(final_runs, 0, 2 ** 64)), sent)
     return send, discard

@@ -1,7 +1,7 @@
 /*
  * Writes memory hard while being migrated live: each step picks a page with a fixed
  * pseudo-random sequence (nine steps in ten within a hot sixteenth of the region, as real
- * working sets go) and stamps it with the step number. When the trigger file
+ * working sets go) and stamps it with the step number, or, one step in 64, drops it. When the trigger file
  * appears it prints how many steps it took and a hash of the whole region.
  *   live_writer TRIGGER MIB          run until TRIGGER exists, then report
  *   live_writer --replay STEPS MIB   take exactly STEPS steps and report: what a process that
@@ -27,6 +27,12 @@ static void step(unsigned char *region, size_t pages, uint64_t *rng, uint64_t n)
 {
 	uint64_t pick = next(rng);
 	uint64_t *page = (uint64_t *)(region + (pick % 10 ? (pick >> 4) % (pages / 16) : (pick >> 4) % pages) * PAGE);
+
+	if (n % 64 == 0) {
+		/* dropped: it reads as zeros from now on, wherever the process lives by then */
+		madvise(page, PAGE, MADV_DONTNEED);
+		return;
+	}
 	for (size_t i = 0; i < PAGE / sizeof(uint64_t); i += 8)
 		page[i] = n * 0x9E3779B97F4A7C15ULL + i;
 }
