@@ -1,10 +1,10 @@
 """Post-copy ("lazy") migration: the process runs on the target before its memory has arrived.
 
-The source sends the state and the few pages userfaultfd cannot fetch later (copy-on-write pages
-of private file mappings, shared memory), then the process resumes on the target. Its anonymous
-memory (heap, stack, anonymous mappings) is registered with a userfaultfd the restorer creates
-and hands to the agent (pidfd_getfd): a page the process touches is asked of the source at once,
-while the source streams all the others in the background. The source is released only when every
+The source sends the state, the stack and the pages userfaultfd cannot fetch later (copy-on-write
+pages of private file mappings, shared memory), then the process resumes on the target. Its heap
+and anonymous mappings are registered with a userfaultfd the restorer creates and hands to the
+agent (pidfd_getfd): a page the process touches is asked of the source at once, while the source
+streams all the others in the background. The source is released only when every
 page has arrived.
 
 Until then the agent stays the process's tracer (with PTRACE_O_EXITKILL): an agent that dies takes
@@ -27,7 +27,9 @@ from umig.procfs import PAGE_SIZE
 from umig.state import memory
 from umig.transport import PING_INTERVAL
 
-LAZY_KINDS = memory.PRIVATE_ANON_KINDS
+# The stack is not among them: it is what the process touches first (its registers point there),
+# and it is small; its faults would come one after another right at the resume.
+LAZY_KINDS = ("anon", "heap")
 PREFETCH_PAGES = 16  # a fault fetches its neighbours too: processes touch memory in runs
 # Background records sent ahead of the target's "placed", and their size: an answer to a fault
 # queues behind at most a megabyte (well under a millisecond), not behind the socket buffers.
