@@ -10,10 +10,10 @@ import os
 import time
 
 from umig import dump, image, postcopy, precopy
-from umig.state import memory
-from umig.phases import Phases
 from umig.errors import UmigError
+from umig.phases import Phases
 from umig.procfs import PAGE_SIZE
+from umig.state import memory
 from umig.transport import UNSENT_RECORDS, Connection, is_loopback
 
 
