@@ -369,7 +369,8 @@ static u64 step_itimer(void)
 	return t->which;
 }
 
-/* Post-copy: pages missing from these ranges are asked of the agent, which holds the other end. */
+/* The agent, which takes the other end, fills these ranges (UFFDIO_COPY) and, in post-copy, serves
+   the process's faults on their missing pages. */
 static u64 step_userfaultfd(void)
 {
 	const u64 *features = (const void *)payload;
