@@ -7,6 +7,8 @@ import signal
 import subprocess
 import time
 
+import pytest
+
 from conftest import (alive, assert_maps_equal, c_workload, migrate, proc_state, read_maps, umig_cmd, umig_env,
                       wait_until)
 from test_failures import (assert_target_clean, finish_and_compare, migrate_expecting_failure,  # noqa: F401
@@ -28,15 +30,20 @@ def test_lazy_writer_touching_pages_in_random_order(agent, registry, workloads, 
     assert_writer_exact(workloads, wl.stdout())
 
 
-def test_lazy_restore_fails_before_resume(pair, agent_factory, registry):
-    """A restorer step fails before the process resumes: the source goes on untouched."""
+@pytest.mark.parametrize("mode", ["lazy", "live"])
+def test_restore_fails_at_the_final_state(pair, agent_factory, registry, mode):
+    """A restorer step fails once the final state has come (before a lazy process resumes; in
+    the final freeze of a live one, its write tracker still armed): the source goes on untouched,
+    without the tracker (same fds, same layout)."""
     low = agent_factory("low-limits", prefix=["prlimit", "--nofile=1024:4096", "--"])
     ref, src = pair("memory", "4", prefix=["prlimit", "--nofile=1024:8192", "--"])
+    fds_before = sorted(os.listdir(f"/proc/{src.pid}/fd"))
     since = time.time()
-    line = migrate_expecting_failure(src.pid, low.target(), "--lazy")
+    line = migrate_expecting_failure(src.pid, low.target(), f"--{mode}")
     assert "rlimit" in line.lower(), line
     low.assert_alive()
     assert_target_clean(low, since, registry, markers=[src.argv[0]])
+    assert sorted(os.listdir(f"/proc/{src.pid}/fd")) == fds_before, "the tracking userfaultfd was left behind"
     finish_and_compare(src, ref)
 
 
