@@ -4,16 +4,18 @@ PID (in a new PID namespace: the old one is still taken on this host), and it ex
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import (Workload, assert_maps_equal, assert_same_output, c_workload, migrate, nspid,
+from conftest import (Workload, assert_maps_equal, assert_same_output, c_workload, migrate, nspid, proc_status,
                       read_maps, reference_run, run_umig, sha256_file, wait_gone, wait_until, write_input_text)
 
 
@@ -100,6 +102,31 @@ def test_registers(agent, registry, c_make):
     host_port = agent.target().removeprefix("tcp://")
     wl, _, _ = migrate_and_compare(agent, registry, c_make("registers"), target=host_port)
     assert "registers: ok" in wl.stdout()
+
+
+def test_another_users_process(agent, registry, workloads):
+    """A process of uid 65534, not root's: its resource limits come from /proc (prlimit() of
+    another user's process needs CAP_SYS_RESOURCE, which root lacks here) and its credentials
+    travel with it."""
+    home = Path(tempfile.mkdtemp(prefix="umig-uid-"))  # pytest's own directories are root's only
+    try:
+        home.chmod(0o755)
+        exe = home / "signals"
+        shutil.copy(workloads("signals"), exe)
+        as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]
+
+        def make(label):
+            return Workload([exe, home / label / "trigger", home / label], home / label, prefix=as_nobody,
+                            registry=registry, name="signals")
+
+        def uids_kept(info):
+            uids = proc_status(info["target_pid"])["Uid"].split()
+            assert uids == ["65534"] * 4, f"the restored process runs as {uids}"
+
+        wl, _, _ = migrate_and_compare(agent, registry, make, after_restore=uids_kept)
+        assert "pid: kept" in wl.stdout()
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def test_signals(agent, registry, c_make):

@@ -2,7 +2,6 @@
 clear_child_tid address glibc registered with set_tid_address, interval timers (alarm,
 setitimer), niceness and the OOM score adjustment."""
 import os
-import resource
 import struct
 
 from umig import procfs
@@ -39,17 +38,24 @@ def dump(frozen):
         interval_sec, interval_usec, value_sec, value_usec = _ITIMERVAL.unpack(frozen.read(frozen.scratch, 32))
         if value_sec or value_usec:
             itimers.append([which, interval_sec, interval_usec, value_sec, value_usec])
-    rlimits = []
-    for res in sorted(RLIMIT_NAMES):
-        cur, limit = resource.prlimit(pid, res)
-        rlimits.append([res, cur % (RLIM_INFINITY + 1), limit % (RLIM_INFINITY + 1)])
     return {"comm": procfs.read_text(pid, "comm").rstrip("\n"), "cwd": os.readlink(procfs.proc_path(pid, "cwd")),
             "umask": int(procfs.status(pid)["Umask"], 8),
             "personality": int(procfs.read_text(pid, "personality"), 16),
-            "rlimits": rlimits, "tid_address": tid_address, "itimers": itimers,
+            "rlimits": _rlimits(pid), "tid_address": tid_address, "itimers": itimers,
             "nice": int(procfs.stat_fields(pid)[NICE_FIELD]),
             "oom_score_adj": int(procfs.read_text(pid, "oom_score_adj")),
             "cmdline": procfs.read_bytes(pid, "cmdline").replace(b"\0", b" ").decode(errors="replace").strip()}
+
+
+def _rlimits(pid):
+    """[resource, soft, hard] from /proc/PID/limits, whose lines follow the RLIMIT_* numbers:
+    prlimit() on another user's process needs CAP_SYS_RESOURCE, which root may lack."""
+    rows = procfs.read_text(pid, "limits").splitlines()[1:]
+    rlimits = []
+    for res in sorted(RLIMIT_NAMES):
+        soft, hard = rows[res][26:].split()[:2]  # the name column is 25 characters wide
+        rlimits.append([res] + [RLIM_INFINITY if value == "unlimited" else int(value) for value in (soft, hard)])
+    return rlimits
 
 
 def check_target(section):
