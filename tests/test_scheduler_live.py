@@ -183,8 +183,6 @@ def test_memory_policy_moves_a_job_off_a_node_short_of_memory(make_emulated, age
 # --------------------------------------------------------------------------- eligibility rules
 
 NOBODY = 65534
-# The matching process is root's: a process of another uid cannot be dumped here (reading its
-# resource limits needs CAP_SYS_RESOURCE, which these machines lack).
 
 
 def test_eligibility_rules_offer_what_matches_and_never_move_the_rest(make_emulated, agent_factory, ring_policy,
