@@ -18,7 +18,9 @@ import zmq
 
 from conftest import (alive, assert_clean_failure, assert_maps_equal, assert_no_leftovers,
                       assert_running_untraced, assert_same_output, c_workload, migrate, read_maps, reference_run,
-                      run_umig, wait_gone)
+                      run_umig, wait_gone, wait_until)
+from umig import dump
+from umig.errors import Refused
 
 MAGIC = b"UMIGIMG\n"
 
@@ -349,3 +351,17 @@ def test_agent_survives_garbage(agent, workloads, registry, tmp_path):
     wl.fire()
     assert agent.wait_exit(info["target_pid"], 60, mark) == ("status", 0)
     assert_same_output(wl, ref)
+
+
+def test_a_process_that_exits_between_check_and_freeze_is_named_so():
+    """The kernel refuses PTRACE_SEIZE of an exiting process with EPERM; umig says it exited (a
+    zombie, checked before the freeze would have refused it, stands for the race)."""
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    try:
+        wait_until(lambda: open(f"/proc/{pid}/stat").read().split(")")[-1].split()[0] == "Z", 5, "a zombie")
+        with pytest.raises(Refused, match=rf"^pid {pid} exited before umig could freeze it$"):
+            dump.freeze(pid)
+    finally:
+        os.waitpid(pid, 0)

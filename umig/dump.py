@@ -57,7 +57,13 @@ class Frozen:
         self.session = self.scratch = self.tracker = None
 
     def freeze(self):
-        self.tracee.seize()
+        try:
+            self.tracee.seize()
+        except UmigError as e:
+            # The kernel refuses to trace a process that is exiting (EPERM, not ESRCH): say so.
+            if _exited(self.pid):
+                raise Refused(f"pid {self.pid} exited before umig could freeze it") from None
+            raise e
         return self.stop()
 
     def stop(self):
@@ -122,6 +128,14 @@ class Frozen:
         self.tracee.kill()
         if self.tracker is not None:
             self.tracker.forget()
+
+
+def _exited(pid):
+    """Whether pid is gone or a zombie."""
+    try:
+        return procfs.status(pid)["State"].split()[0] in ("Z", "X")
+    except UmigError:
+        return True
 
 
 def refuse_blocked(pid):
