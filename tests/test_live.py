@@ -12,6 +12,8 @@ import subprocess
 import pytest
 
 from conftest import assert_maps_equal, c_workload, migrate, read_maps, umig_cmd, umig_env, write_input_text
+from umig import precopy
+from umig.state import memory
 from test_migrate import c_make, migrate_and_compare  # noqa: F401  (fixture)
 
 WRITER_MIB = "256"
@@ -94,3 +96,17 @@ def test_mapping_replaced_during_the_copy(agent, registry, c_make, mode):
     tracker loses it (pre-copy) or hears it go (post-copy), and it arrives whole and current."""
     wl, _, _ = migrate_and_compare(agent, registry, c_make("remapper"), extra=(f"--{mode}",))
     assert "remapped region: one generation" in wl.stdout()
+
+
+def test_final_pages_drop_what_a_kept_mapping_lost():
+    """A mapping replaced during the rounds (mmap over it: the tracker loses it) that has the
+    same geometry as before, so the target keeps it: its pages sent before and absent now must
+    be dropped there, or they would keep an older generation where the process reads zeros."""
+    m = {"start": 0x100000, "end": 0x104000, "prot": 3, "shared": False, "offset": 0, "kind": "anon", "path": "",
+         "vmflags": [], "pages": 4}
+    sent_before, present_now = [[0x100000, 0x4000]], [[0x100000, 0x1000]]
+    for lost in (set(), {memory.same_mapping(m)}):
+        send, discard = precopy.final_pages({"mappings": [m]}, {"mappings": [dict(m, pages=1)]}, [], present_now,
+                                            [m], lost, sent_before)
+        assert discard == [[0x101000, 0x3000]], (lost, discard)
+        assert send == (present_now if lost else []), (lost, send)

@@ -10,8 +10,10 @@ in one atomic step, from outside and without faults reaching anyone.
 Rounds (each one reads and sends, while the process runs, what the previous one found written) stop
 when the next round's pages would be sent within FINAL_COPY_BUDGET at the rate just measured, when
 a round no longer shrinks the set (the process writes as fast as we copy), or after MAX_ROUNDS.
-Then the process is frozen, the last written pages are taken, the userfaultfd is closed, and the
-final state goes out with those pages and the layout changes since the first state.
+Then the process is frozen, the last written pages are taken, and the final state goes out with
+those pages and the layout changes since the first state. The userfaultfd stays in the process
+through that freeze (closing it write-unprotects every page): a released source dies with it, a
+thawed one has it closed first.
 """
 import ctypes
 import os
@@ -233,20 +235,24 @@ def copy_rounds(frozen, tracker, runs, write_pages):
 def final_pages(first, final, written, final_runs, tracked, lost, sent):
     """What the frozen copy must send, and what the target must drop: in mappings unchanged since
     the first state, tracked and not `lost` by the tracker, the pages written since the last
-    round; in the others, all their pages; and in the unchanged ones, every page `sent` before
-    that the process no longer has (the others are still as the target made them: asking for
-    the holes of a sparse mapping cost thousands of steps)."""
+    round; in the others, all their pages. And in every mapping the target keeps (the same as in
+    the first state: memory.relayout keeps those, whatever the tracker says), every page `sent`
+    before that the process no longer has; pages never sent are still as the target made them
+    (asking for the holes of a sparse mapping cost thousands of steps)."""
     # Shared memory is sent whole: others may write it, and a page the kernel reclaims from this
     # process's page tables takes its write-protect record along.
-    unchanged = ({memory.same_mapping(m) for m in first["mappings"]}
-                 & {memory.same_mapping(m) for m in tracked if m["kind"] != "shared_anon"}) - lost
-    kept, changed = [], []
+    built = {memory.same_mapping(m) for m in first["mappings"]}
+    unchanged = (built & {memory.same_mapping(m) for m in tracked if m["kind"] != "shared_anon"}) - lost
+    tracked_spans, other_spans, kept_spans = [], [], []
     for m in final["mappings"]:
-        (kept if memory.same_mapping(m) in unchanged else changed).append([m["start"], m["end"] - m["start"]])
+        span = [m["start"], m["end"] - m["start"]]
+        (tracked_spans if memory.same_mapping(m) in unchanged else other_spans).append(span)
+        if memory.same_mapping(m) in built:
+            kept_spans.append(span)
     # Whole lists at once, each step linear in their lengths: a loop over mappings, each
     # intersected with all runs, cost milliseconds of the freeze in a process with many mappings.
     # The two parts are disjoint, and a run never spans two mappings: sorting merges them.
-    send = sorted(memory.intersect(memory.intersect(final_runs, kept), written)
-                  + memory.intersect(final_runs, changed))
-    discard = memory.intersect(memory.intersect(kept, memory.complement(final_runs, 0, 2 ** 64)), sent)
+    send = sorted(memory.intersect(memory.intersect(final_runs, tracked_spans), written)
+                  + memory.intersect(final_runs, other_spans))
+    discard = memory.intersect(memory.intersect(kept_spans, memory.complement(final_runs, 0, 2 ** 64)), sent)
     return send, discard

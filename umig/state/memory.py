@@ -25,7 +25,7 @@ MAP_SHARED, MAP_PRIVATE, MAP_ANONYMOUS, MAP_GROWSDOWN, MAP_NORESERVE = 0x01, 0x0
 # VmFlags (proc(5)) that madvise() sets, with their advice. Besides their own effect they keep the
 # kernel from merging the mapping with a neighbour that lacks them, so the layout depends on them.
 MADVISED = {"dd": 16, "dc": 10, "wf": 18, "hg": 14, "nh": 15, "mg": 12}  # MADV_DONTDUMP, ...
-MADV_DONTNEED, MADV_POPULATE_WRITE = 4, 23
+MADV_DONTNEED, MADV_REMOVE, MADV_POPULATE_WRITE = 4, 9, 23
 _USERFAULTFD_FLAGS = {"um", "uw", "ui"}
 
 # Special mappings of the kernel's vDSO family ([vvar], [vvar_vclock], [vdso], ...): code in the vDSO
@@ -551,14 +551,18 @@ def relayout(restorer, old, new, discard, hole):
     """Turn the layout built from `old` into `new` (a live migration's final state): mappings that
     went or changed are unmapped, new and changed ones mapped (away from the restorer's `hole`);
     pages the process dropped since they were sent are dropped here too (MADV_DONTNEED: zeros,
-    or the file's own page again)."""
+    or the file's own page again; in shared memory MADV_REMOVE, which frees the pages of the
+    shmem file itself)."""
     kept = {same_mapping(m) for m in new["mappings"]} & {same_mapping(m) for m in old["mappings"]}
     for m in old["mappings"]:
         if same_mapping(m) not in kept and m["kind"] not in ("vdso", "vsyscall"):
             restorer.unmap(m["start"], m["end"] - m["start"])
     _map_all(restorer, new, [hole], built=kept)
-    for start, length in discard:
+    shared = spans(new, ("shared_anon",))
+    for start, length in intersect(discard, complement(shared, 0, 2 ** 64)):
         restorer.madvise(start, length, MADV_DONTNEED)
+    for start, length in intersect(discard, shared):
+        restorer.madvise(start, length, MADV_REMOVE)
 
 
 UFFD_FEATURE_SIGBUS = 1 << 7
