@@ -14,6 +14,7 @@ from conftest import (alive, assert_maps_equal, c_workload, migrate, proc_state,
 from test_failures import (assert_target_clean, finish_and_compare, migrate_expecting_failure,  # noqa: F401
                            migrate_killing_the_agent, pair)
 from test_live import WRITER_MIB, assert_writer_exact
+from test_migrate import c_make, migrate_and_compare  # noqa: F401  (fixture)
 
 
 def test_lazy_writer_touching_pages_in_random_order(agent, registry, workloads, tmp_path):
@@ -107,3 +108,11 @@ def test_lazy_job_control_stop_during_postcopy_is_kept(agent, registry, workload
     assert agent.wait_exit(target, 60, since) == ("status", 0)
     assert_writer_exact(workloads, wl.stdout(), "2048")
 
+
+
+@pytest.mark.parametrize("mode", ["lazy", "live"])
+def test_descriptors_opened_while_the_target_prepares(agent, registry, c_make, mode):
+    """The process opens descriptors between the first and the final state: the restorer's own
+    channel, parked above the first state's descriptors, must not be in their way."""
+    wl, _, _ = migrate_and_compare(agent, registry, c_make("opener"), extra=(f"--{mode}",))
+    assert "descriptors: all open" in wl.stdout()

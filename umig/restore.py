@@ -72,6 +72,7 @@ def restore(records, requested_pid_mode="keep", on_accept=None):
     header = next(records)
     state = next(records).meta
     phases = Phases()
+    memory.forget_file_contents()
     check_target(state)
     phases.mark("check")
     restorer = Restorer()
@@ -99,6 +100,8 @@ def restore(records, requested_pid_mode="keep", on_accept=None):
                     final = record.meta
                     check_target(final, built=state)
                     memory.relayout(restorer, state["memory"], final["memory"], final["discard"], hole)
+                    # Out of the way of descriptors the process opened since the first state.
+                    restorer.close_fds(files.lowest_free_fd(final["files"]))
                     restorer.sync()  # the pages that follow go into the new layout
                     state = final
                     phases.mark("final state: check and relayout")
