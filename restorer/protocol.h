@@ -76,10 +76,9 @@ enum umig_op {
 	UMIG_OP_MADVISE = 26,    /* struct umig_advice: madvise (flags /proc/PID/smaps shows as VmFlags) */
 	UMIG_OP_DUP = 27,        /* struct umig_dup: dup3 (descriptors sharing one open file) */
 	UMIG_OP_ITIMER = 28,     /* struct umig_itimer: setitimer (alarm() and setitimer() timers) */
-	UMIG_OP_USERFAULTFD = 29,/* u64 features (UFFD_FEATURE_*), then struct umig_range[]: a
-	                            userfaultfd with those ranges registered for missing pages; detail =
-	                            its fd, which the agent takes with pidfd_getfd before UMIG_OP_CLOSE
-	                            closes the restorer's copy */
+	UMIG_OP_USERFAULTFD = 29,/* u64 features (UFFD_FEATURE_*): a userfaultfd; detail = its fd,
+	                            which the agent takes with pidfd_getfd before UMIG_OP_CLOSE closes
+	                            the restorer's copy, and registers ranges with itself */
 	UMIG_OP_CLOSE = 30,      /* s32 fd */
 };
 

@@ -369,27 +369,17 @@ static u64 step_itimer(void)
 	return t->which;
 }
 
-/* The agent, which takes the other end, fills these ranges (UFFDIO_COPY) and, in post-copy, serves
-   the process's faults on their missing pages. */
+/* A userfaultfd for the agent, which takes it (pidfd_getfd), registers the ranges itself, fills
+   them (UFFDIO_COPY) and, in post-copy, serves the process's faults on their missing pages. */
 static u64 step_userfaultfd(void)
 {
-	const u64 *features = (const void *)payload;
-	const struct umig_range *r = (const void *)(features + 1);
 	struct uffdio_api api = { .api = UFFD_API };
 	long fd;
 
-	if (payload_size < sizeof(*features))
-		fail(UMIG_OP_USERFAULTFD, -EINVAL, payload_size);
-	api.features = *features;
+	expect_size(UMIG_OP_USERFAULTFD, sizeof(u64), 0);
+	api.features = *(const u64 *)payload;
 	fd = check(syscall1(__NR_userfaultfd, O_CLOEXEC | O_NONBLOCK), UMIG_OP_USERFAULTFD, 0);
 	check(syscall3(__NR_ioctl, fd, UFFDIO_API, &api), UMIG_OP_USERFAULTFD, 0);
-	for (u32 i = 0; i < (payload_size - sizeof(*features)) / sizeof(*r); i++) {
-		struct uffdio_register reg = {
-			.range = { .start = r[i].start, .len = r[i].length },
-			.mode = UFFDIO_REGISTER_MODE_MISSING,
-		};
-		check(syscall3(__NR_ioctl, fd, UFFDIO_REGISTER, &reg), UMIG_OP_USERFAULTFD, r[i].start);
-	}
 	return fd;
 }
 

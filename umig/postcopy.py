@@ -140,11 +140,11 @@ class Pager:
     and where the process moved memory meanwhile (mremap)."""
 
     def __init__(self, restorer, section, lazy_runs):
-        self.fd = restorer.userfaultfd(memory.spans(section, LAZY_KINDS), LAZY_FEATURES)
         self.pending = PendingPages(lazy_runs)
         self.remaps = []  # (from, to, length) in the order the process made them
         self.requested = set()
         self.faults = 0
+        self.fd = restorer.userfaultfd(memory.spans(section, LAZY_KINDS), LAZY_FEATURES)  # last: nothing fails after
 
     def close(self):
         if self.fd is not None:

@@ -29,6 +29,7 @@ from typing import Iterable, Mapping
 from umig.errors import UmigError
 
 SYS_PIDFD_GETFD = 438
+UFFDIO_REGISTER, UFFDIO_REGISTER_MODE_MISSING = 0xC020AA00, 1
 _libc = ctypes.CDLL(None, use_errno=True)
 
 RESTORER_PATH = Path(__file__).parent / "bin" / "umig-restorer"
@@ -507,23 +508,33 @@ class Restorer:
         self._send(Op.ITIMER, LAYOUTS["umig_itimer"].pack(which, 0, *interval, *value))
 
     def userfaultfd(self, ranges, features: int) -> int:
-        """Creates a userfaultfd (UFFD_FEATURE_* `features`) in the process with `ranges` ([start,
-        length] pairs) registered for missing pages, and returns it as an fd of the caller's (the
-        agent fills and serves those pages; the restorer's copy is closed)."""
-        raw = b"".join(LAYOUTS["umig_range"].pack(start, length) for start, length in ranges)
-        self._send(Op.USERFAULTFD, struct.pack("<Q", features) + raw)
+        """Creates a userfaultfd (UFFD_FEATURE_* `features`) in the process and returns it as an fd
+        of the caller's (the agent fills and serves those pages; the restorer's copy is closed),
+        with `ranges` ([start, length] pairs) registered for missing pages. Registering acts on
+        the process the userfaultfd belongs to, whoever asks: the agent does it, so there is no
+        limit to how many ranges."""
+        self._send(Op.USERFAULTFD, struct.pack("<Q", features))
         self.sync()
+        fd = -1
         try:
             pidfd = os.pidfd_open(self.pid)
             try:
                 fd = _libc.syscall(SYS_PIDFD_GETFD, pidfd, self.remote_userfaultfd, 0)
-                if fd < 0:
-                    raise RestorerError(f"pidfd_getfd of the restored process's userfaultfd failed: "
-                                        f"{os.strerror(ctypes.get_errno())}")
+                err = ctypes.get_errno()
             finally:
                 os.close(pidfd)
-        finally:
+            if fd < 0:
+                raise RestorerError(f"pidfd_getfd of the restored process's userfaultfd failed: {os.strerror(err)}")
             self.close(self.remote_userfaultfd)
+            for start, length in ranges:
+                register = struct.pack("<QQQQ", start, length, UFFDIO_REGISTER_MODE_MISSING, 0)
+                if _libc.ioctl(fd, ctypes.c_ulong(UFFDIO_REGISTER), ctypes.create_string_buffer(register, 32)) < 0:
+                    raise RestorerError(f"UFFDIO_REGISTER of [{start:#x}, {start + length:#x}) in pid {self.pid} "
+                                        f"failed: {os.strerror(ctypes.get_errno())}")
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            raise
         return fd
 
     def close(self, fd: int) -> None:
