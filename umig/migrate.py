@@ -26,6 +26,7 @@ def migrate(pid, target, requested_pid_mode="keep", timeout=60.0, live=False, la
             tracking="userfaultfd", notice=lambda line: None):
     started = time.monotonic()
     phases = Phases()
+    memory.forget_file_contents()
     dump.refuse_blocked(pid)
     connection = Connection(target, timeout)
     frozen = None

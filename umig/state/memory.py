@@ -149,10 +149,16 @@ def file_identity(path, content=True):
     return identity
 
 
+def forget_file_contents():
+    """Each migration identifies file contents anew: a file written through a shared mapping may
+    keep its mtime for a while, and the agent lives long."""
+    _content_identity.cache_clear()
+
+
 @functools.lru_cache(maxsize=1024)
 def _content_identity(path, device, inode, size, mtime_ns, ctime_ns):
-    """Cached by everything a change to the file would change (ctime included, which no one can
-    set back): a live migration's final freeze looks at the same files again."""
+    """Cached, within one migration, by everything a change to the file would change (ctime
+    included, which no one can set back): the final state looks at the same files again."""
     with open(path, "rb") as f:
         build_id = _elf_build_id(f)
         if build_id:
