@@ -17,7 +17,8 @@ import zstandard
 
 from umig.errors import DamagedImage, UmigError
 
-FORMAT_VERSION = 1
+# 2: a lazy stream has a first and a final state (version 1 had one).
+FORMAT_VERSION = 2
 FILE_MAGIC = b"UMIGIMG\n"
 KINDS = ("header", "state", "pages", "resume", "end")
 # A frame longer than this is a damaged length prefix, not data: batches are ~1 MiB.
