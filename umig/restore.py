@@ -85,12 +85,17 @@ def restore(records, requested_pid_mode="keep", on_accept=None):
         registers.check_target(state["registers"], tracee.get_xstate())
         tracee.cont()
         phases.mark("start the restorer")
+        # A frozen process's pages may come while the mappings are laid out (they wait in the
+        # socket); one that runs on (live, lazy) is frozen again only once they are.
+        accept_now = on_accept and state.get("mode") not in ("live", "lazy")
+        if accept_now:
+            on_accept(header.meta, state)
         restorer.close_fds(files.lowest_free_fd(state["files"]))
         hole = memory.prepare(restorer, state["memory"], procfs.maps(restorer.pid))
         pages = memory.PageWriter(restorer, state["memory"])
         phases.mark("lay out the mappings")
         try:
-            if on_accept:  # the source may freeze the process again now (live and lazy)
+            if on_accept and not accept_now:
                 on_accept(header.meta, state)
             for record in records:  # page batches, up to the verified end record
                 if record.kind == "pages":
