@@ -7,7 +7,7 @@ messages carry one msgpack frame after it, image records carry their own frames 
   hello {pid_mode, host}        ->
                                 <-    welcome {name} | failed {reason}
   record header, record state   ->
-                                <-    accepted (the mappings are laid out) | failed {reason}
+                                <-    accepted (live, lazy: once the mappings are laid out) | failed {reason}
   (live, lazy: record state, the final one, when the process is frozen again)
   record pages ..., record end  ->    (failed {reason} may come at any time)
                                 <-    ready {target_pid, steps} | failed {reason}
