@@ -11,7 +11,6 @@ shares the C cores, so no pipeline can beat  max(slowest stage, CPU time of all 
 Run with ``.venv/bin/python benchmarks/bounds.py [--mib 256] [--repeat 3]`` as root.
 """
 import argparse
-import ctypes
 import mmap
 import os
 import subprocess
@@ -23,7 +22,8 @@ import zmq
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from umig.state import memory  # noqa: E402  (after the path fix-up)
+from umig.restorer import take_fd  # noqa: E402  (after the path fix-up)
+from umig.state import memory  # noqa: E402
 
 MIB = 1 << 20
 BATCH = memory.BATCH_BYTES
@@ -126,11 +126,7 @@ def network_stage(data):
 
 
 def place_stage(pid, empty, fd, data):
-    pidfd = os.pidfd_open(pid)
-    local = ctypes.CDLL(None, use_errno=True).syscall(438, pidfd, fd, 0)  # pidfd_getfd
-    os.close(pidfd)
-    if local < 0:
-        raise SystemExit(f"pidfd_getfd failed: {os.strerror(ctypes.get_errno())}")
+    local = take_fd(pid, fd)
     try:
         with memory.buffer_address(data) as address:
             with Clock() as clock:

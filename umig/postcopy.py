@@ -144,7 +144,7 @@ class Pager:
         self.remaps = []  # (from, to, length) in the order the process made them
         self.requested = set()
         self.faults = 0
-        self.fd = restorer.userfaultfd(memory.spans(section, LAZY_KINDS), LAZY_FEATURES)  # last: nothing fails after
+        self.fd = memory.userfaultfd(restorer, memory.spans(section, LAZY_KINDS), LAZY_FEATURES)  # last: nothing fails after
 
     def close(self):
         if self.fd is not None:

@@ -30,7 +30,7 @@ SYS_IOCTL, SYS_USERFAULTFD, SYS_FCNTL, SYS_CLOSE = 16, 323, 72, 3
 O_CLOEXEC, O_NONBLOCK, UFFD_USER_MODE_ONLY = 0o2000000, 0o4000, 1
 UFFD_API = 0xAA
 UFFD_FEATURE_WP_UNPOPULATED, UFFD_FEATURE_WP_ASYNC = 1 << 13, 1 << 15
-UFFDIO_API, UFFDIO_REGISTER = 0xC018AA3F, 0xC020AA00  # _IOWR(0xAA, 0x3F / 0x00, ...)
+UFFDIO_API = 0xC018AA3F  # _IOWR(0xAA, 0x3F, struct uffdio_api)
 UFFDIO_REGISTER_MODE_WP = 1 << 1
 F_DUPFD_CLOEXEC = 1030
 PM_SCAN_WP_MATCHING, PM_SCAN_CHECK_WPASYNC = 1 << 0, 1 << 1
@@ -77,7 +77,7 @@ class WriteTracker:
                 for start, end in _neighbourhoods(section["mappings"]):
                     frozen.tracee.write_memory(frozen.scratch, struct.pack(
                         "<QQQQ", start, end - start, UFFDIO_REGISTER_MODE_WP, 0))
-                    self._ioctl(f"UFFDIO_REGISTER of mappings {start:x}-{end:x}", UFFDIO_REGISTER)
+                    self._ioctl(f"UFFDIO_REGISTER of mappings {start:x}-{end:x}", memory.UFFDIO_REGISTER)
             except UmigError:
                 frozen.syscall_checked("close of the userfaultfd", SYS_CLOSE, fd)
                 raise

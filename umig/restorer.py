@@ -29,7 +29,6 @@ from typing import Iterable, Mapping
 from umig.errors import UmigError
 
 SYS_PIDFD_GETFD = 438
-UFFDIO_REGISTER, UFFDIO_REGISTER_MODE_MISSING = 0xC020AA00, 1
 _libc = ctypes.CDLL(None, use_errno=True)
 
 RESTORER_PATH = Path(__file__).parent / "bin" / "umig-restorer"
@@ -186,6 +185,19 @@ def _describe_status(status: int) -> str:
     if os.WIFEXITED(status):
         return f"exit status {os.WEXITSTATUS(status)}"
     return f"wait status {status:#x}"
+
+
+def take_fd(pid: int, fd: int) -> int:
+    """A copy of process pid's descriptor fd, as one of ours (pidfd_getfd)."""
+    pidfd = os.pidfd_open(pid)
+    try:
+        taken = _libc.syscall(SYS_PIDFD_GETFD, pidfd, fd, 0)
+        err = ctypes.get_errno()
+    finally:
+        os.close(pidfd)
+    if taken < 0:
+        raise RestorerError(f"pidfd_getfd of fd {fd} of pid {pid} failed: {os.strerror(err)}")
+    return taken
 
 
 class Restorer:
@@ -507,33 +519,17 @@ class Restorer:
         """Arms timer `which` (ITIMER_*) with (seconds, microseconds) pairs, as setitimer takes them."""
         self._send(Op.ITIMER, LAYOUTS["umig_itimer"].pack(which, 0, *interval, *value))
 
-    def userfaultfd(self, ranges, features: int) -> int:
+    def userfaultfd(self, features: int) -> int:
         """Creates a userfaultfd (UFFD_FEATURE_* `features`) in the process and returns it as an fd
-        of the caller's (the agent fills and serves those pages; the restorer's copy is closed),
-        with `ranges` ([start, length] pairs) registered for missing pages. Registering acts on
-        the process the userfaultfd belongs to, whoever asks: the agent does it, so there is no
-        limit to how many ranges."""
+        of the caller's (who registers ranges with it, fills and serves them); the restorer's
+        copy is closed."""
         self._send(Op.USERFAULTFD, struct.pack("<Q", features))
         self.sync()
-        fd = -1
+        fd = take_fd(self.pid, self.remote_userfaultfd)
         try:
-            pidfd = os.pidfd_open(self.pid)
-            try:
-                fd = _libc.syscall(SYS_PIDFD_GETFD, pidfd, self.remote_userfaultfd, 0)
-                err = ctypes.get_errno()
-            finally:
-                os.close(pidfd)
-            if fd < 0:
-                raise RestorerError(f"pidfd_getfd of the restored process's userfaultfd failed: {os.strerror(err)}")
             self.close(self.remote_userfaultfd)
-            for start, length in ranges:
-                register = struct.pack("<QQQQ", start, length, UFFDIO_REGISTER_MODE_MISSING, 0)
-                if _libc.ioctl(fd, ctypes.c_ulong(UFFDIO_REGISTER), ctypes.create_string_buffer(register, 32)) < 0:
-                    raise RestorerError(f"UFFDIO_REGISTER of [{start:#x}, {start + length:#x}) in pid {self.pid} "
-                                        f"failed: {os.strerror(ctypes.get_errno())}")
         except BaseException:
-            if fd >= 0:
-                os.close(fd)
+            os.close(fd)
             raise
         return fd
 

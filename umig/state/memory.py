@@ -15,6 +15,7 @@ import mmap
 import os
 import re
 import stat
+import struct
 
 from umig import procfs
 from umig.errors import Refused, UmigError
@@ -572,7 +573,25 @@ def relayout(restorer, old, new, discard, hole):
 
 
 UFFD_FEATURE_SIGBUS = 1 << 7
-UFFDIO_COPY = 0xC028AA03  # _IOWR(0xAA, 0x03, struct uffdio_copy)
+UFFDIO_REGISTER, UFFDIO_COPY = 0xC020AA00, 0xC028AA03  # _IOWR(0xAA, 0x00 / 0x03, ...)
+UFFDIO_REGISTER_MODE_MISSING = 1
+
+
+def userfaultfd(restorer, ranges, features):
+    """A userfaultfd of the process being restored, as an fd of ours, with `ranges` ([start,
+    length] pairs) registered for missing pages. Registering acts on the process the
+    userfaultfd belongs to, whoever asks: done here, there is no limit to how many ranges."""
+    fd = restorer.userfaultfd(features)
+    try:
+        for start, length in ranges:
+            register = struct.pack("<QQQQ", start, length, UFFDIO_REGISTER_MODE_MISSING, 0)
+            if _libc.ioctl(fd, ctypes.c_ulong(UFFDIO_REGISTER), ctypes.create_string_buffer(register, 32)) < 0:
+                raise UmigError(f"UFFDIO_REGISTER of [{start:#x}, {start + length:#x}) in pid {restorer.pid} "
+                                f"failed: {os.strerror(ctypes.get_errno())}")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 class _UffdioCopy(ctypes.Structure):
@@ -623,7 +642,7 @@ class PageWriter:
     def __init__(self, restorer, section):
         self.pid = restorer.pid
         registered = spans(section, PRIVATE_ANON_KINDS)
-        self.fd = restorer.userfaultfd(registered, UFFD_FEATURE_SIGBUS)
+        self.fd = userfaultfd(restorer, registered, UFFD_FEATURE_SIGBUS)
         self.registered = [(start, start + length) for start, length in registered]
 
     def write(self, runs, payload):
