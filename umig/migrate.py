@@ -43,7 +43,7 @@ def migrate(pid, target, requested_pid_mode="keep", timeout=60.0, live=False, la
         if live:
             extra = _precopy(frozen, state, runs, writer, connection, tracking, notice, phases)
         elif lazy:
-            lazy_runs, first_freeze = _postcopy_start(frozen, state, writer, connection, phases)
+            lazy_runs, extra = _postcopy_start(frozen, state, writer, connection, phases)
         else:
             dump.write_image(writer, frozen, state, runs,
                              after_state=lambda: connection.expect("accepted", "checking the image"))
@@ -75,13 +75,11 @@ def migrate(pid, target, requested_pid_mode="keep", timeout=60.0, live=False, la
               "wire_bytes": writer.wire_bytes,
               "total_s": round(time.monotonic() - started, 6), "frozen_s": round(resumed_at - frozen.stopped_at, 6),
               "phases": {"source": phases.steps, "target": ready.get("steps", []) + running.get("steps", [])}}
+    if live or lazy:
+        # The process was also held while its first state was taken (and the tracker armed).
+        result.update(extra, mode="live" if live else "lazy", frozen_s=max(result["frozen_s"], extra["first_freeze_s"]))
     if lazy:
-        # As under --live, the process was also held for its first state.
-        result.update(mode="lazy", postcopy_s=round(time.monotonic() - resumed_at, 6),
-                      first_freeze_s=round(first_freeze, 6), frozen_s=max(result["frozen_s"], round(first_freeze, 6)))
-    if live:
-        # The process was also held while its first state was taken and the tracker armed.
-        result.update(extra, mode="live", frozen_s=max(result["frozen_s"], extra["first_freeze_s"]))
+        result.update(postcopy_s=round(time.monotonic() - resumed_at, 6))
     return result
 
 
@@ -89,7 +87,7 @@ def _postcopy_start(frozen, state, writer, connection, phases):
     """The lazy path up to the resume. A first state lets the target check it, start the restorer
     and lay out the mappings while the process runs on; then, frozen again, the final state and
     the pages userfaultfd cannot bring later. Returns the runs that follow once the process runs
-    on the target, and how long the first freeze took."""
+    on the target, and the figures of the first freeze."""
     writer.write(image.header(state["pid"]))
     writer.write(image.Record("state", dict(state, mode="lazy")))
     frozen.run()
@@ -107,7 +105,7 @@ def _postcopy_start(frozen, state, writer, connection, phases):
     dump.write_pages(writer, frozen.pid, eager)
     writer.write(image.Record("resume", {"pages": sum(length for _, length in lazy_runs) // PAGE_SIZE}))
     phases.mark("final state and eager pages")
-    return lazy_runs, first_freeze
+    return lazy_runs, {"first_freeze_s": round(first_freeze, 6)}
 
 
 def _precopy(frozen, state, runs, writer, connection, tracking, notice, phases):
