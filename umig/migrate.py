@@ -83,18 +83,25 @@ def migrate(pid, target, requested_pid_mode="keep", timeout=60.0, live=False, la
     return result
 
 
-def _postcopy_start(frozen, state, writer, connection, phases):
-    """The lazy path up to the resume. A first state lets the target check it, start the restorer
-    and lay out the mappings while the process runs on; then, frozen again, the final state and
-    the pages userfaultfd cannot bring later. Returns the runs that follow once the process runs
-    on the target, and the figures of the first freeze."""
+def _first_state(frozen, state, writer, connection, phases):
+    """Send the first state (live, lazy), let the process run on, and wait until the target has
+    checked it and laid out the mappings. Returns how long the first freeze took."""
     writer.write(image.header(state["pid"]))
-    writer.write(image.Record("state", dict(state, mode="lazy")))
+    writer.write(image.Record("state", state))
     frozen.run()
     first_freeze = time.monotonic() - frozen.stopped_at
     phases.mark("first state sent")
     connection.expect("accepted", "checking the image")
     phases.mark("target prepared")
+    return first_freeze
+
+
+def _postcopy_start(frozen, state, writer, connection, phases):
+    """The lazy path up to the resume. A first state lets the target check it, start the restorer
+    and lay out the mappings while the process runs on; then, frozen again, the final state and
+    the pages userfaultfd cannot bring later. Returns the runs that follow once the process runs
+    on the target, and the figures of the first freeze."""
+    first_freeze = _first_state(frozen, dict(state, mode="lazy"), writer, connection, phases)
     frozen.stop()
     final, runs = dump.collect(frozen)
     phases.mark("stop and final collect")
@@ -111,13 +118,9 @@ def _postcopy_start(frozen, state, writer, connection, phases):
 def _precopy(frozen, state, runs, writer, connection, tracking, notice, phases):
     """The live path: first state, memory copied while the process runs, then the final state
     and what changed (the process frozen again). Returns the figures of the pre-copy."""
-    writer.write(image.header(state["pid"]))
-    writer.write(image.Record("state", dict(state, mode="live")))
     frozen.tracker = precopy.tracker(frozen, state["memory"], tracking, notice)
-    frozen.run()
-    first_freeze = time.monotonic() - frozen.stopped_at
-    phases.mark("first state sent, tracker armed")
-    connection.expect("accepted", "checking the image")
+    phases.mark("tracker armed")
+    first_freeze = _first_state(frozen, dict(state, mode="live"), writer, connection, phases)
     sent = []  # every run a round sent: what the target may hold that the process has dropped since
 
     def send_round(pid, round_runs):
