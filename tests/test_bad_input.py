@@ -19,8 +19,8 @@ import zmq
 from conftest import (alive, assert_clean_failure, assert_maps_equal, assert_no_leftovers,
                       assert_running_untraced, assert_same_output, c_workload, migrate, read_maps, reference_run,
                       run_umig, wait_gone, wait_until)
-from umig import dump
-from umig.errors import Refused
+from umig import dump, image as umig_image
+from umig.errors import DamagedImage, Refused
 
 MAGIC = b"UMIGIMG\n"
 
@@ -184,6 +184,21 @@ def test_foreign_format_refused(image, tmp_path):
     other = tmp_path / "other.img"
     other.write_bytes(rewrite_header(image["bytes"], format="criu"))
     assert_refused(other, "an image of another format")
+
+
+@pytest.mark.parametrize("mode", [None, "lazy"])
+def test_sync_record_outside_a_live_stream_refused(mode):
+    """Only a live stream may ask the target to sync; anywhere else the record is out of order."""
+    def reader(mode):
+        records = [umig_image.header(1), umig_image.Record("state", {"pid": 1, "mode": mode}),
+                   umig_image.Record("sync", {})]
+        frames = iter([frame for seq, record in enumerate(records) for frame in umig_image.encode(record, seq)])
+        return umig_image.ImageReader(lambda: next(frames))
+    assert [record.kind for record in reader("live")] == ["header", "state", "sync"]
+    records = reader(mode)
+    next(records), next(records)
+    with pytest.raises(DamagedImage, match="a sync record where"):
+        next(records)
 
 
 # --------------------------------------------------------------------------- PIDs that cannot move

@@ -101,7 +101,8 @@ class Agent:
 
         try:
             reader = image.ImageReader(session.next_frame)
-            restored = restore(reader, str(hello.get("pid_mode", "keep")), on_accept=accept)
+            restored = restore(reader, str(hello.get("pid_mode", "keep")), on_accept=accept,
+                               on_sync=lambda: session.send("synced"))
             session.send("ready", target_pid=restored.pid, steps=restored.phases.steps)
             session.expect("commit")
             restored.resume()

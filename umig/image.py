@@ -17,10 +17,11 @@ import zstandard
 
 from umig.errors import DamagedImage, UmigError
 
-# 2: a lazy stream has a first and a final state (version 1 had one).
-FORMAT_VERSION = 2
+# 2: a lazy stream has a first and a final state (version 1 had one). 3: a live stream may ask the
+# target to say when it has placed every page sent so far (sync).
+FORMAT_VERSION = 3
 FILE_MAGIC = b"UMIGIMG\n"
-KINDS = ("header", "state", "pages", "resume", "end")
+KINDS = ("header", "state", "pages", "sync", "resume", "end")
 # A frame longer than this is a damaged length prefix, not data: batches are ~1 MiB.
 MAX_FRAME = 256 << 20
 _LENGTH = struct.Struct("<Q")
@@ -104,11 +105,11 @@ class ImageReader:
         kind, seq, meta, payload_length, payload_digest = decode_head(self._next_frame())
         if seq != self._seq:
             raise DamagedImage(f"damaged image: record {seq} arrived where record {self._seq} belongs")
-        # A live migration's stream has a second, final state after the pages copied while it ran;
-        # a lazy one has its final state right after the first, says where the process resumes,
+        # A live migration's stream has a second, final state after the pages copied while it ran
+        # (and syncs between them); a lazy one has its final state right after the first, says where the process resumes,
         # and the rest of its pages follow.
         expected = ("header",) if seq == 0 else ("state",) if seq == 1 else \
-            ("pages", "state", "end") if self._mode == "live" else \
+            ("pages", "sync", "state", "end") if self._mode == "live" else \
             ("state",) if self._mode == "lazy" and seq == 2 else \
             ("pages", "resume") if self._mode == "lazy" else ("pages", "end")
         if kind not in expected:

@@ -127,8 +127,13 @@ def _precopy(frozen, state, runs, writer, connection, tracking, notice, phases):
         sent.extend(round_runs)
         return dump.write_pages(writer, pid, round_runs, observe=frozen.tracker.sent, tolerant=True)
 
-    written, rounds, reason = precopy.copy_rounds(frozen, frozen.tracker, runs, send_round)
-    phases.mark("rounds, then stop and last scan")
+    def settle():
+        writer.write(image.Record("sync", {}))
+        connection.expect("synced", "placing the pages of the rounds")
+        phases.mark("rounds, until the target placed them")
+
+    written, rounds, reason = precopy.copy_rounds(frozen, frozen.tracker, runs, send_round, settle)
+    phases.mark("stop and last scan")
     # The tracker stays armed: closing its userfaultfd write-unprotects every page, milliseconds
     # per GiB of the freeze, and a source released dies with it. Only a thaw disarms it.
     tracker = frozen.tracker

@@ -10,7 +10,7 @@ in one atomic step, from outside and without faults reaching anyone.
 Rounds (each one reads and sends, while the process runs, what the previous one found written) stop
 when the next round's pages would be sent within FINAL_COPY_BUDGET at the rate just measured, when
 a round no longer shrinks the set (the process writes as fast as we copy), or after MAX_ROUNDS.
-Then the process is frozen, the last written pages are taken, and the final state goes out with
+Then, once the target has placed all it was sent, the process is frozen, the last written pages are taken, and the final state goes out with
 those pages and the layout changes since the first state. The userfaultfd stays in the process
 through that freeze (closing it write-unprotects every page): a released source dies with it, a
 thawed one has it closed first.
@@ -211,9 +211,11 @@ def _send_runs(write_pages, pid, runs):
     return sent, time.monotonic() - started
 
 
-def copy_rounds(frozen, tracker, runs, write_pages):
+def copy_rounds(frozen, tracker, runs, write_pages, settle):
     """Stream memory while the process runs, round after round; returns, with the process frozen
-    again, the pages written since the last round, the rounds' statistics and why they ended."""
+    again, the pages written since the last round, the rounds' statistics and why they ended.
+    settle() returns once the target has placed every page sent: the freeze then has the
+    machine to itself, not a target still busy with the last round."""
     rounds = []
     sent, elapsed = _send_runs(write_pages, frozen.pid, runs)
     rounds.append({"pages": sent // procfs.PAGE_SIZE, "seconds": round(elapsed, 6)})
@@ -226,6 +228,7 @@ def copy_rounds(frozen, tracker, runs, write_pages):
                   "not shrinking" if size >= SHRINK_FACTOR * previous else
                   "round limit" if len(rounds) >= MAX_ROUNDS else None)
         if reason:
+            settle()
             frozen.stop()
             return memory.union(written, tracker.written()), rounds, reason
         sent, elapsed = _send_runs(write_pages, frozen.pid, written)

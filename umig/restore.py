@@ -66,8 +66,9 @@ class RestoredProcess:
             self.pager.close()
 
 
-def restore(records, requested_pid_mode="keep", on_accept=None):
-    """Rebuild the process of an image (an iterator of verified records, umig/image.py).
+def restore(records, requested_pid_mode="keep", on_accept=None, on_sync=lambda: None):
+    """Rebuild the process of an image (an iterator of verified records, umig/image.py);
+    on_accept(header, state) is called once it is checked, on_sync() at each sync record.
     Returns a RestoredProcess, stopped; on any failure nothing it started is left behind."""
     header = next(records)
     state = next(records).meta
@@ -100,6 +101,8 @@ def restore(records, requested_pid_mode="keep", on_accept=None):
             for record in records:  # page batches, up to the verified end record
                 if record.kind == "pages":
                     pages.write(record.meta["runs"], record.payload)
+                elif record.kind == "sync":  # every page before it is in place
+                    on_sync()
                 elif record.kind == "state":  # the final state (live, lazy): the layout now, then its last pages
                     phases.mark("until the final state (pages of live rounds)")
                     final = record.meta

@@ -8,6 +8,8 @@ messages carry one msgpack frame after it, image records carry their own frames 
                                 <-    welcome {name} | failed {reason}
   record header, record state   ->
                                 <-    accepted (live, lazy: once the mappings are laid out) | failed {reason}
+  (live: record sync       ->)
+                                <-    synced (every page sent before it is in place)
   (live, lazy: record state, the final one, when the process is frozen again)
   record pages ..., record end  ->    (failed {reason} may come at any time)
                                 <-    ready {target_pid, steps} | failed {reason}
