@@ -4,6 +4,7 @@ PID (in a new PID namespace: the old one is still taken on this host), and it ex
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -15,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (Workload, assert_maps_equal, assert_same_output, c_workload, migrate, nspid, proc_status,
-                      read_maps, reference_run, run_umig, sha256_file, wait_gone, wait_until, write_input_text)
+from conftest import (Workload, assert_clean_failure, assert_maps_equal, assert_running_untraced, assert_same_output,
+                      c_workload, migrate, nspid, proc_status, read_maps, reference_run, run_umig, sha256_file,
+                      wait_gone, wait_until, write_input_text)
 
 
 def check_restored(info, source_pid, source_exe, maps_before, agent, since, *, pid_mode="keep"):
@@ -94,6 +96,54 @@ def test_memory(agent, registry, c_make):
     out = wl.stdout()
     assert "heap: 0 bad bytes" in out and "write ro file mapping: fault" in out
     assert info["pages"] > 16 * 256 // 2, f"too few pages travelled for a 16 MiB anonymous region: {info}"
+
+
+LOCKER_SCRIPT = textwrap.dedent('''\
+    import ctypes, sys, time
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    size = 64 << 20
+
+    def untouched():
+        return libc.mmap(None, size, 3, 0x4022, -1, 0)  # read-write, private, anonymous, noreserve
+
+    if sys.argv[1] == "mlock2":
+        address = untouched()
+        assert libc.mlock2(ctypes.c_void_p(address), ctypes.c_size_t(size), 1) == 0  # MLOCK_ONFAULT
+    else:
+        assert libc.mlockall(2 | 4) == 0  # MCL_FUTURE | MCL_ONFAULT: what is mapped from now on
+        address = untouched()
+    print(f"{address:x} {address + size:x}", flush=True)
+    print("ready", flush=True)
+    time.sleep(600)
+''')
+
+
+@pytest.mark.parametrize("how", ["mlock2", "mlockall"])
+def test_mlocked_mapping_refused(agent, registry, tmp_path, how):
+    """A locked mapping none of whose pages is present (locked on fault) is still found before
+    the freeze: `umig check` and `umig migrate` name it, and the process runs on untouched."""
+    script = tmp_path / "locker.py"
+    script.write_text(LOCKER_SCRIPT)
+    wl = Workload([sys.executable, "-I", script, how], tmp_path / how, registry=registry, name="locker")
+    wl.start().wait_ready()
+    start, end = (int(x, 16) for x in wl.stdout().split()[:2])
+    assert proc_status(wl.pid)["VmLck"] != "0 kB", "the kernel should count a mapping locked on fault"
+    refusal = re.compile(r"mapping ([0-9a-f]+)-([0-9a-f]+) \(anonymous\) is locked in memory \(mlock\), "
+                         r"which does not move yet")
+
+    def names_ours(text):  # with mlockall, what Python maps later is locked too, and may join ours
+        return any(int(lo, 16) <= start and end <= int(hi, 16) for lo, hi in refusal.findall(text))
+
+    r = run_umig("check", wl.pid)
+    assert r.returncode != 0 and names_ours(r.stdout + r.stderr), f"umig check: {r.stdout}{r.stderr}"
+    mark = agent.mark()
+    line = assert_clean_failure(run_umig("migrate", wl.pid, agent.target()), what=f"umig migrate ({how})")
+    assert refusal.search(line), line
+    assert f"pid {wl.pid}" not in agent.log(mark), f"the agent heard of a refused process:\n{agent.log(mark)}"
+    assert_running_untraced(wl.pid, "refused process")
 
 
 def test_registers(agent, registry, c_make):

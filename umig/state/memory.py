@@ -104,7 +104,12 @@ def classify(pid, entry, vmflags):
 
 def check(pid):
     blockers = []
-    smaps = procfs.smaps(pid)
+    # smaps walks the page tables of every mapping (milliseconds for a large sparse one, before
+    # the freeze) and is read here only for the locked flag. VmLck counts the whole size of the
+    # locked mappings, whether their pages are present or not (MLOCK_ONFAULT, MCL_FUTURE too):
+    # when it is 0 kB, no mapping is locked. Without the field (no mm), smaps decides.
+    locked = procfs.status(pid).get("VmLck") != "0 kB"
+    smaps = procfs.smaps(pid) if locked else {}
     for entry in procfs.maps(pid):
         try:
             classify(pid, entry, smaps[entry.start]["vmflags"] if entry.start in smaps else [])
