@@ -11,13 +11,15 @@ import time
 import pytest
 
 from umig.ptrace import (
-    ERESTART_RESTARTBLOCK, ERESTARTNOHAND, ERESTARTNOINTR, ERESTARTSYS, NR_GETPID, NR_restart_syscall,
-    PTRACE_EVENT_STOP, Registers, TraceError, Tracee, TraceeExited, restart_registers, xstate_features,
+    ERESTART_RESTARTBLOCK, ERESTARTNOHAND, ERESTARTNOINTR, ERESTARTSYS, NR_GETPID, NR_RT_SIGACTION,
+    NR_restart_syscall, PTRACE_EVENT_STOP, Buffer, Call, KernelSigaction, Registers, TraceError, Tracee,
+    TraceeExited, restart_registers, xstate_features,
 )
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="tracing needs root (or a permissive ptrace policy)")
 
 NR_READ = 0
+NR_WRITE = 1
 NR_RT_SIGSUSPEND = 130
 NR_CLOCK_NANOSLEEP = 230
 SA_SIGINFO, SA_RESTART, SA_RESTORER = 0x4, 0x10000000, 0x04000000
@@ -569,11 +571,32 @@ def test_signal_state_and_remote_syscalls(spawn, bins):
         with t.syscall_session() as s:
             assert t.syscall(NR_GETPID) == proc.pid
             assert s.syscall(NR_GETPID) == proc.pid
-            act = s.get_sigaction(signal.SIGUSR2)
+            # A batch: results, buffers out (rt_sigaction) and in (write), a failing call among
+            # them; its own SIGSTOP is gone afterwards and every pending signal still there.
+            pending = [t.pending_signals(shared) for shared in (False, True)]
+            actions = {signo: Buffer(KernelSigaction.SIZE) for signo in (signal.SIGUSR2, signal.SIGUSR1, signal.SIGPIPE)}
+            calls = [Call("getpid", NR_GETPID)] + \
+                [Call("rt_sigaction", NR_RT_SIGACTION, signo, 0, out, 8) for signo, out in actions.items()] + \
+                [Call("rt_sigaction", NR_RT_SIGACTION, 65, 0, Buffer(KernelSigaction.SIZE), 8),
+                 Call("write", NR_WRITE, 1, Buffer(data=b"from a batch\n"), 13)]
+            s.run_batch(calls)
+            assert [call.result for call in calls] == [proc.pid, 0, 0, 0, -errno.EINVAL, 13]
+            act = KernelSigaction.from_bytes(actions[signal.SIGUSR2].data)
             assert act.handler == handler
             assert act.flags & (SA_SIGINFO | SA_RESTART | SA_RESTORER) == SA_SIGINFO | SA_RESTART | SA_RESTORER
-            assert s.get_sigaction(signal.SIGUSR1).handler == 0          # SIG_DFL
-            assert s.get_sigaction(signal.SIGPIPE).handler == 0
+            assert KernelSigaction.from_bytes(actions[signal.SIGUSR1].data).handler == 0          # SIG_DFL
+            assert KernelSigaction.from_bytes(actions[signal.SIGPIPE].data).handler == 0
+            assert [t.pending_signals(shared) for shared in (False, True)] == pending
+            many = [Call("getpid", NR_GETPID) for _ in range(200)]  # more than the scratch page holds
+            s.run_batch(many)
+            assert [call.result for call in many] == [proc.pid] * 200
+            # A pending SIGCONT, which the batch's SIGSTOP would discard, stays: one at a time then.
+            os.kill(proc.pid, signal.SIGCONT)
+            wait_for(lambda: int(status_field(proc.pid, "ShdPnd"), 16) & bit(signal.SIGCONT))
+            calls = [Call("getpid", NR_GETPID), Call("write", NR_WRITE, 1, Buffer(data=b"one by one\n"), 11)]
+            s.run_batch(calls)
+            assert [call.result for call in calls] == [proc.pid, 11]
+            assert int(status_field(proc.pid, "ShdPnd"), 16) & bit(signal.SIGCONT)
             scratch = s.scratch()
             assert t.get_sigmask() == (1 << 64) - 1 - bit(signal.SIGKILL) - bit(signal.SIGSTOP)
         # Everything is back: registers (restart applied) and the mask; the scratch page is gone.
@@ -585,6 +608,8 @@ def test_signal_state_and_remote_syscalls(spawn, bins):
         t.set_sigmask(mask | bit(signal.SIGINT))
         assert t.get_sigmask() == mask | bit(signal.SIGINT)
 
+    assert proc.line() == "from a batch"
+    assert proc.line() == "one by one"
     # The interrupted read restarts and gets the data; the mask is the one we set.
     proc.send(b"mask\n")
     assert proc.line() == f"mask {mask | bit(signal.SIGINT):x}"

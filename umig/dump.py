@@ -10,10 +10,11 @@ import time
 
 from umig import image, procfs
 from umig.errors import Refused, UmigError
-from umig.ptrace import Tracee
+from umig.ptrace import Call, Tracee
 from umig.state import credentials, files, memory, mm, registers, rseq, signals, task
 
-SCRATCH_SIZE = 4096
+# Room for a batch asking about every signal and the rest (ptrace.SyscallSession.run_batch).
+SCRATCH_SIZE = 16 * 1024
 
 
 def check(pid):
@@ -97,15 +98,30 @@ class Frozen:
     @contextlib.contextmanager
     def inside(self):
         """A spell of injected syscalls sharing one save of the registers and the mask, and one
-        scratch page. Kept short: should umig die meanwhile, the process would resume with
-        umig's registers; outside it, a dead tracer leaves the process as it was."""
+        scratch area; the syscalls ask()ed for run together at its end. Kept short: should umig
+        die meanwhile, the process would resume with umig's registers; outside it, a dead tracer
+        leaves the process as it was."""
         with self.tracee.syscall_session() as self.session:
             self.scratch = self.session.scratch(SCRATCH_SIZE)
+            self._asked = []
             yield
+            self.session.run_batch(self._asked)
+            for call in self._asked:
+                self._check(call.name, call.result)
         self.session = self.scratch = None
 
+    def ask(self, name, nr, *args):
+        """A syscall the process runs at the end of this spell inside, with the others asked for
+        (ptrace.Buffer arguments carry data in and out); its Call has the result then, and a
+        failure is raised naming it."""
+        call = Call(name, nr, *args)
+        self._asked.append(call)
+        return call
+
     def syscall_checked(self, name, nr, *args):
-        result = self.session.syscall(nr, *args)
+        return self._check(name, self.session.syscall(nr, *args))
+
+    def _check(self, name, result):
         if -4096 < result < 0:
             raise UmigError(f"{name} run inside pid {self.pid} failed: {os.strerror(-result)}")
         return result
@@ -155,13 +171,11 @@ def collect(frozen, hidden_fds=()):
     """The image's state section and the page runs to carry; `hidden_fds` are umig's own,
     left in the process (the live write tracker's userfaultfd) and not part of it."""
     pid = frozen.pid
+    # Each of these asks the process its questions, then makes its section of the answers.
     with frozen.inside():
-        state = {
-            "task": task.dump(frozen),
-            "credentials": credentials.dump(frozen),
-            "mm": mm.dump(frozen),
-            "signals": signals.dump(frozen),
-        }
+        asked = {"task": task.dump(frozen), "credentials": credentials.dump(frozen), "mm": mm.dump(frozen),
+                 "signals": signals.dump(frozen)}
+    state = {name: section() for name, section in asked.items()}
     # After the scratch page is gone, so that memory is exactly the process's own.
     state["memory"], runs = memory.dump(pid)
     state.update(pid=procfs.namespace_pid(pid), rseq=frozen.rseq, registers=registers.dump(frozen),

@@ -24,6 +24,7 @@ import xxhash
 
 from umig import procfs
 from umig.errors import UmigError
+from umig.ptrace import Buffer, Call
 from umig.state import memory
 
 SYS_IOCTL, SYS_USERFAULTFD, SYS_FCNTL, SYS_CLOSE = 16, 323, 72, 3
@@ -69,18 +70,18 @@ class WriteTracker:
                 frozen.syscall_checked("close", SYS_CLOSE, fd)
                 fd = high
             self.fd = fd
-            try:
-                frozen.tracee.write_memory(frozen.scratch, struct.pack(
-                    "<QQQ", UFFD_API, UFFD_FEATURE_WP_ASYNC, 0))
-                self._ioctl("UFFDIO_API (write-protect, async)", UFFDIO_API)
-                self.tracked = [m for m in section["mappings"] if m["kind"] in TRACKED_KINDS]
-                for start, end in _neighbourhoods(section["mappings"]):
-                    frozen.tracee.write_memory(frozen.scratch, struct.pack(
-                        "<QQQQ", start, end - start, UFFDIO_REGISTER_MODE_WP, 0))
-                    self._ioctl(f"UFFDIO_REGISTER of mappings {start:x}-{end:x}", memory.UFFDIO_REGISTER)
-            except UmigError:
+            calls = [Call("UFFDIO_API (write-protect, async)", SYS_IOCTL, fd, UFFDIO_API,
+                          Buffer(data=struct.pack("<QQQ", UFFD_API, UFFD_FEATURE_WP_ASYNC, 0)))]
+            calls += [Call(f"UFFDIO_REGISTER of mappings {start:x}-{end:x}", SYS_IOCTL, fd, memory.UFFDIO_REGISTER,
+                           Buffer(data=struct.pack("<QQQQ", start, end - start, UFFDIO_REGISTER_MODE_WP, 0)))
+                      for start, end in _neighbourhoods(section["mappings"])]
+            frozen.session.run_batch(calls)  # each ioctl alone cost two wake-ups of the process
+            failed = next((call for call in calls if call.result < 0), None)
+            if failed:
                 frozen.syscall_checked("close of the userfaultfd", SYS_CLOSE, fd)
-                raise
+                raise UmigError(f"{failed.name} inside pid {frozen.pid} failed: {os.strerror(-failed.result)} "
+                                "(live migration needs userfaultfd write-protect in async mode, Linux 6.7 or later)")
+            self.tracked = [m for m in section["mappings"] if m["kind"] in TRACKED_KINDS]
         self.lost = set()
         self._pagemap = os.open(procfs.proc_path(frozen.pid, "pagemap"), os.O_RDONLY)
         try:
@@ -88,12 +89,6 @@ class WriteTracker:
         except UmigError:
             self.disarm()
             raise
-
-    def _ioctl(self, what, request):
-        result = self.frozen.session.syscall(SYS_IOCTL, self.fd, request, self.frozen.scratch)
-        if result < 0:
-            raise UmigError(f"{what} inside pid {self.frozen.pid} failed: {os.strerror(-result)} "
-                            "(live migration needs userfaultfd write-protect in async mode, Linux 6.7 or later)")
 
     def written(self):
         """Runs of pages written since the last call, write-protected again as they are reported."""

@@ -345,6 +345,43 @@ class KernelSigaction(NamedTuple):
         return cls(*struct.unpack("<QQQQ", raw[:32]))
 
 
+class Buffer:
+    """An argument of a batched syscall (SyscallSession.run_batch): the address of a buffer in the
+    scratch area that holds `data` when the call runs, and afterwards, in `data`, what the call
+    left there."""
+
+    def __init__(self, size=0, data=b""):
+        self.data = bytes(data) + bytes(max(size - len(data), 0))
+
+
+class Call:
+    """One syscall of a batch: its number and up to six arguments (integers or Buffers); `result`
+    (rax, signed) once the batch has run."""
+
+    def __init__(self, name, nr, *args):
+        if len(args) > 6:
+            raise ValueError("a syscall takes at most six arguments")
+        self.name, self.nr, self.args = name, nr, args
+        self.result = None
+
+
+# The x86-64 encodings a batch is written in: movabs of a 64-bit immediate into rax and into the
+# argument registers rdi, rsi, rdx, r10, r8, r9; syscall; movabs of rax to a 64-bit address.
+_LOAD_RAX = b"\x48\xb8"
+_LOAD_ARGUMENTS = (b"\x48\xbf", b"\x48\xbe", b"\x48\xba", b"\x49\xba", b"\x49\xb8", b"\x49\xb9")
+_STORE_RAX = b"\x48\xa3"
+# tgkill(getpid(), gettid(), SIGSTOP), then a jump to itself, where the thread is caught.
+_STOP_ITSELF = bytes.fromhex("48c7c027000000" "0f05" "4889c7"              # mov rax, 39; syscall; mov rdi, rax
+                             "48c7c0ba000000" "0f05" "4889c6"              # mov rax, 186; syscall; mov rsi, rax
+                             "48c7c213000000" "48c7c0ea000000" "0f05"      # mov rdx, 19; mov rax, 234; syscall
+                             "ebfe")                                       # jmp .
+_CALL_CODE_SIZE = len(_LOAD_RAX) + 8 + 6 * (2 + 8) + len(_SYSCALL_INSN) + len(_STORE_RAX) + 8
+
+
+def _aligned(size):
+    return (size + 7) // 8 * 8
+
+
 class _Iovec(ctypes.Structure):
     _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
 
@@ -952,10 +989,10 @@ class SyscallSession:
     # -- helpers built on remote syscalls -----------------------------------------------------------
 
     def scratch(self, size=4096):
-        """Address of a private read-write anonymous mapping in the tracee (made on first use and
-        unmapped when the session closes), for syscalls that take or return buffers."""
+        """Address of a private anonymous mapping in the tracee (made on first use and unmapped
+        when the session closes), for syscalls that take or return buffers and for batches."""
         if self._scratch is None:
-            prot = 0x1 | 0x2            # PROT_READ | PROT_WRITE
+            prot = 0x1 | 0x2 | 0x4      # PROT_READ | PROT_WRITE | PROT_EXEC: batches run there
             flags = 0x02 | 0x20         # MAP_PRIVATE | MAP_ANONYMOUS
             result = self.syscall(NR_MMAP, 0, size, prot, flags, -1, 0)
             if -4096 < result < 0:
@@ -966,11 +1003,91 @@ class SyscallSession:
             raise ValueError(f"scratch area is {self._scratch_size} bytes, {size} asked for")
         return self._scratch
 
-    def get_sigaction(self, signo):
-        """The thread's disposition of ``signo``, read with a remote rt_sigaction."""
-        buf = self.scratch()
-        result = self.syscall(NR_RT_SIGACTION, signo, 0, buf, SIGSET_SIZE)
-        if result != 0:
-            raise TraceError(-result, f"remote rt_sigaction({signo}) in pid {self.tracee.pid} failed: "
-                                      f"{_errno_text(result)}")
-        return KernelSigaction.from_bytes(self.tracee.read_memory(buf, KernelSigaction.SIZE))
+    def run_batch(self, calls):
+        """Run `calls` one after another inside the tracee, in one go: code written into the
+        scratch area loads each call's registers, runs it and stores its result, then the thread
+        sends itself a SIGSTOP, caught here at its delivery and never delivered. One stop for the
+        whole batch, where a call injected alone costs two, each a wake-up of the tracee (tens of
+        microseconds in a VM). Not an int3: the kernel resets the handler of a SIGTRAP it forces
+        while that signal is blocked. A stop signal discards a pending SIGCONT, so with one
+        pending the calls run one at a time instead. A SIGSTOP someone else sends in the very
+        microseconds the batch's own is sent merges with it (legacy signals queue once). As many
+        calls go at once as the scratch area holds."""
+        self.scratch()
+        group, size = [], len(_STOP_ITSELF) + 8
+        for call in calls:
+            need = _CALL_CODE_SIZE + 8 + sum(_aligned(len(arg.data)) for arg in call.args if isinstance(arg, Buffer))
+            if group and size + need > self._scratch_size:
+                self._run_group(group)
+                group, size = [], len(_STOP_ITSELF) + 8
+            group.append(call)
+            size += need
+        if group:
+            self._run_group(group)
+
+    def _run_group(self, calls):
+        t = self.tracee
+        code_size = _CALL_CODE_SIZE * len(calls) + len(_STOP_ITSELF)
+        results = self._scratch + _aligned(code_size)
+        data, address = [], results + 8 * len(calls)
+        arguments = []
+        for call in calls:
+            values = []
+            for arg in call.args:
+                if isinstance(arg, Buffer):
+                    values.append(address)
+                    data.append((arg, address))
+                    address += _aligned(len(arg.data))
+                else:
+                    values.append(arg & ALL_SIGNALS)
+            arguments.append(values)
+        if address - self._scratch > self._scratch_size:
+            raise ValueError(f"a syscall needs {address - self._scratch} bytes of scratch, {self._scratch_size} there")
+        image = bytearray(address - results)
+        for buffer, at in data:
+            image[at - results:at - results + len(buffer.data)] = buffer.data
+        if any(int.from_bytes(info[:4], "little") == signal.SIGCONT
+               for shared in (False, True) for info in t.pending_signals(shared)):
+            t.write_memory(results, image)
+            for i, (call, values) in enumerate(zip(calls, arguments)):
+                t.write_memory(results + 8 * i, struct.pack("<q", self.syscall(call.nr, *values)))
+        else:
+            code = bytearray()
+            for i, (call, values) in enumerate(zip(calls, arguments)):
+                code += _LOAD_RAX + struct.pack("<Q", call.nr)
+                for load, value in zip(_LOAD_ARGUMENTS, values + [0] * (6 - len(values))):
+                    code += load + struct.pack("<Q", value)
+                code += _SYSCALL_INSN + _STORE_RAX + struct.pack("<Q", results + 8 * i)
+            code += _STOP_ITSELF
+            t.write_memory(self._scratch, bytes(code) + bytes(results - self._scratch - len(code)) + image)
+            self._run_code(self._scratch, self._scratch + len(code) - 2)
+        answers = t.read_memory(results, address - results)
+        for i, call in enumerate(calls):
+            call.result = struct.unpack_from("<q", answers, 8 * i)[0]
+        for buffer, at in data:
+            buffer.data = answers[at - results:at - results + len(buffer.data)]
+
+    def _run_code(self, start, end):
+        """Run the tracee from `start` until it stops itself with rip at `end`."""
+        t = self.tracee
+        regs = self._saved_regs.copy()
+        regs.rip = start
+        regs.orig_rax = -1  # as for a single injected syscall: no restart logic on these registers
+        t.set_registers(regs)
+        self._ran = True
+        t.cont(0)
+        while True:
+            stop = t.wait()
+            if stop.kind in ("exited", "killed"):
+                raise TraceeExited(t.pid, stop, "a batch of remote syscalls")
+            at_end = t.get_registers().rip == end
+            if stop.kind == "signal" and stop.signo == signal.SIGSTOP and at_end:
+                return
+            if stop.kind == "event" and at_end:
+                return  # a group-stop it entered at the end (job control's SIGSTOP, passed on)
+            if stop.kind == "event" or (stop.kind == "signal" and stop.signo == signal.SIGSTOP):
+                t.cont(stop.signo if stop.kind == "signal" else 0)  # job control takes its course
+                continue
+            # All else is blocked, so this is a synchronous fault in the batch's code.
+            raise TraceError(errno.EFAULT, f"a batch of remote syscalls in pid {t.pid} failed: {stop} at "
+                                           f"{t.get_registers().rip:#x}")

@@ -28,11 +28,13 @@ def check(pid):
 
 
 def dump(frozen):
+    """Asks the frozen process (dump.Frozen.ask); returns what makes the section once it answered."""
     status = procfs.status(frozen.pid)
-    return {"uids": [int(x) for x in status["Uid"].split()],
-            "gids": [int(x) for x in status["Gid"].split()],
-            "groups": [int(x) for x in status["Groups"].split()],
-            "dumpable": frozen.syscall_checked("prctl(PR_GET_DUMPABLE)", SYS_PRCTL, PR_GET_DUMPABLE) == 1}
+    dumpable = frozen.ask("prctl(PR_GET_DUMPABLE)", SYS_PRCTL, PR_GET_DUMPABLE)
+    return lambda: {"uids": [int(x) for x in status["Uid"].split()],
+                    "gids": [int(x) for x in status["Gid"].split()],
+                    "groups": [int(x) for x in status["Groups"].split()],
+                    "dumpable": dumpable.result == 1}
 
 
 def restore(restorer, section):

@@ -13,13 +13,14 @@ SYS_BRK = 12
 
 
 def dump(frozen):
+    """Asks the frozen process (dump.Frozen.ask); returns what makes the section once it answered."""
     pid = frozen.pid
     fields = procfs.mm_layout(pid)
     # The current break is in no /proc file; brk(0) run inside the process returns it.
-    fields["brk"] = frozen.syscall_checked("brk", SYS_BRK, 0)
+    brk = frozen.ask("brk", SYS_BRK, 0)
     exe = os.readlink(procfs.proc_path(pid, "exe"))
-    return {"fields": fields, "auxv": procfs.read_bytes(pid, "auxv"), "exe": exe,
-            "exe_identity": file_identity(exe)}
+    return lambda: {"fields": dict(fields, brk=brk.result), "auxv": procfs.read_bytes(pid, "auxv"), "exe": exe,
+                    "exe_identity": file_identity(exe)}
 
 
 def check_target(section):

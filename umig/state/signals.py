@@ -9,6 +9,7 @@ import signal
 import struct
 
 from umig import procfs
+from umig.ptrace import NR_RT_SIGACTION, SIGSET_SIZE, Buffer, KernelSigaction
 
 SYS_SIGALTSTACK = 131
 SIGKILL, SIGSTOP = 9, 19
@@ -29,25 +30,27 @@ def mask_names(mask):
 
 
 def dump(frozen):
-    """frozen: the dump context (remote syscalls, scratch memory, tracee)."""
-    # Each remote rt_sigaction costs two ptrace round trips: ask only of signals that /proc says
-    # are caught or ignored (a default action's flags mean nothing), and of SIGCHLD, whose
-    # SA_NOCLDSTOP/SA_NOCLDWAIT matter even at its default.
+    """Asks the frozen process (dump.Frozen.ask); returns what makes the section once it answered."""
+    # Ask only of signals that /proc says are caught or ignored (a default action's flags mean
+    # nothing), and of SIGCHLD, whose SA_NOCLDSTOP/SA_NOCLDWAIT matter even at its default.
     status = procfs.status(frozen.pid)
     not_default = int(status["SigCgt"], 16) | int(status["SigIgn"], 16) | 1 << (signal.SIGCHLD - 1)
-    actions = []
+    actions = {}
     for signo in range(1, 65):
-        if signo in (SIGKILL, SIGSTOP) or not not_default & 1 << (signo - 1):
-            continue
-        handler, flags, restorer, mask = frozen.session.get_sigaction(signo)
-        if handler != SIG_DFL or flags or mask:
-            actions.append([signo, handler, flags, restorer, mask])
-    frozen.syscall_checked("sigaltstack", SYS_SIGALTSTACK, 0, frozen.scratch)
-    sp, flags, _, size = _STACK.unpack(frozen.read(frozen.scratch, _STACK.size))
+        if signo not in (SIGKILL, SIGSTOP) and not_default & 1 << (signo - 1):
+            actions[signo] = Buffer(KernelSigaction.SIZE)
+            frozen.ask(f"rt_sigaction({signal_name(signo)})", NR_RT_SIGACTION, signo, 0, actions[signo], SIGSET_SIZE)
+    altstack = Buffer(_STACK.size)
+    frozen.ask("sigaltstack", SYS_SIGALTSTACK, 0, altstack)
     pending = [{"shared": shared, "signo": int.from_bytes(info[:4], "little"), "info": info}
                for shared in (False, True) for info in frozen.tracee.pending_signals(shared=shared)]
-    return {"actions": actions, "blocked": frozen.blocked, "pending": pending,
-            "altstack": {"sp": sp, "flags": flags, "size": size}}
+
+    def answered():
+        kept = [[signo, *KernelSigaction.from_bytes(action.data)] for signo, action in actions.items()]
+        sp, flags, _, size = _STACK.unpack(altstack.data)
+        return {"actions": [action for action in kept if action[1] != SIG_DFL or action[2] or action[4]],
+                "blocked": frozen.blocked, "pending": pending, "altstack": {"sp": sp, "flags": flags, "size": size}}
+    return answered
 
 
 def restore(restorer, section):

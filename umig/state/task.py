@@ -6,6 +6,7 @@ import struct
 
 from umig import procfs
 from umig.errors import UmigError
+from umig.ptrace import Buffer
 from umig.restorer import RLIMIT_NAMES
 
 SYS_PRCTL, PR_GET_TID_ADDRESS, SYS_GETITIMER = 157, 40, 36
@@ -29,22 +30,29 @@ def check(pid):
 
 
 def dump(frozen):
+    """Asks the frozen process (dump.Frozen.ask); returns what makes the section once it answered."""
     pid = frozen.pid
-    frozen.syscall_checked("prctl(PR_GET_TID_ADDRESS)", SYS_PRCTL, PR_GET_TID_ADDRESS, frozen.scratch)
-    tid_address = int.from_bytes(frozen.read(frozen.scratch, 8), "little")
-    itimers = []
-    for which in ITIMERS:
-        frozen.syscall_checked("getitimer", SYS_GETITIMER, which, frozen.scratch)
-        interval_sec, interval_usec, value_sec, value_usec = _ITIMERVAL.unpack(frozen.read(frozen.scratch, 32))
-        if value_sec or value_usec:
-            itimers.append([which, interval_sec, interval_usec, value_sec, value_usec])
-    return {"comm": procfs.read_text(pid, "comm").rstrip("\n"), "cwd": os.readlink(procfs.proc_path(pid, "cwd")),
-            "umask": int(procfs.status(pid)["Umask"], 8),
-            "personality": int(procfs.read_text(pid, "personality"), 16),
-            "rlimits": _rlimits(pid), "tid_address": tid_address, "itimers": itimers,
-            "nice": int(procfs.stat_fields(pid)[NICE_FIELD]),
-            "oom_score_adj": int(procfs.read_text(pid, "oom_score_adj")),
-            "cmdline": procfs.read_bytes(pid, "cmdline").replace(b"\0", b" ").decode(errors="replace").strip()}
+    tid_address = Buffer(8)
+    frozen.ask("prctl(PR_GET_TID_ADDRESS)", SYS_PRCTL, PR_GET_TID_ADDRESS, tid_address)
+    timers = {which: Buffer(_ITIMERVAL.size) for which in ITIMERS}
+    for which, timer in timers.items():
+        frozen.ask("getitimer", SYS_GETITIMER, which, timer)
+    section = {"comm": procfs.read_text(pid, "comm").rstrip("\n"), "cwd": os.readlink(procfs.proc_path(pid, "cwd")),
+               "umask": int(procfs.status(pid)["Umask"], 8),
+               "personality": int(procfs.read_text(pid, "personality"), 16),
+               "rlimits": _rlimits(pid),
+               "nice": int(procfs.stat_fields(pid)[NICE_FIELD]),
+               "oom_score_adj": int(procfs.read_text(pid, "oom_score_adj")),
+               "cmdline": procfs.read_bytes(pid, "cmdline").replace(b"\0", b" ").decode(errors="replace").strip()}
+
+    def answered():
+        itimers = []
+        for which, timer in timers.items():
+            interval_sec, interval_usec, value_sec, value_usec = _ITIMERVAL.unpack(timer.data)
+            if value_sec or value_usec:
+                itimers.append([which, interval_sec, interval_usec, value_sec, value_usec])
+        return dict(section, tid_address=int.from_bytes(tid_address.data, "little"), itimers=itimers)
+    return answered
 
 
 def _rlimits(pid):
