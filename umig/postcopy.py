@@ -35,6 +35,12 @@ PREFETCH_PAGES = 16  # a fault fetches its neighbours too: processes touch memor
 # queues behind at most a megabyte (well under a millisecond), not behind the socket buffers.
 STREAM_WINDOW = 4
 BACKGROUND_BATCH = 256 << 10
+# Right after the resume the process touches its working set, one fault after another, each
+# answer queued behind the background records in flight (a dozen faults of a Python interpreter
+# took 15 ms so). The stream waits until no fault has come for FAULT_QUIET, for at most
+# RESUME_BURST after the resume: a process that scans its memory needs the stream.
+FAULT_QUIET = 0.002
+RESUME_BURST = 0.05
 # While pages are missing the source streams without pause: this long a silence means it is gone.
 SOURCE_SILENCE = 10.0
 
@@ -69,12 +75,16 @@ def serve(pid, writer, connection, lazy_runs):
     background = memory.read_batches(pid, lazy_runs, batch_bytes=BACKGROUND_BATCH, ring=writer.holds + 1)
     streaming = True
     in_flight = 0  # page records sent and not yet placed by the target
+    resumed = last_fetch = time.monotonic()
     while True:
         sending = streaming and in_flight < STREAM_WINDOW
-        message = connection.poll_control(0 if sending else connection.timeout)
+        hold = min(resumed + RESUME_BURST, last_fetch + FAULT_QUIET) - time.monotonic()
+        message = connection.poll_control(max(hold, 0) if sending else connection.timeout)
         if message is None:
             if not sending:
                 raise UmigError(f"the agent at {connection.endpoint} fell silent during post-copy")
+            if hold > 0:
+                continue
             batch = next(background, None)
             if batch is None:
                 writer.end()
@@ -93,6 +103,7 @@ def serve(pid, writer, connection, lazy_runs):
             raise UmigError(f"the agent sent {kind!r} during post-copy")
         if not streaming:
             continue  # every page is on its way already: the stream has ended
+        last_fetch = time.monotonic()
         wanted = memory.intersect(lazy_runs, [[meta["address"], PREFETCH_PAGES * PAGE_SIZE]])
         for batch_runs, buffer in memory.read_batches(pid, wanted, ring=writer.holds + 1):
             writer.write(image.Record("pages", {"runs": batch_runs}, buffer))
