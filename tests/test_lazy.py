@@ -24,6 +24,8 @@ def test_lazy_writer_touching_pages_in_random_order(agent, registry, workloads, 
     since = agent.mark()
     info = migrate(wl.pid, agent.target(), "--lazy")
     registry.remember(info["target_pid"])
+    # What it wrote while the target prepared went ahead of the resume, not on demand.
+    assert info["working_set_pages"] > 0
     assert_maps_equal(maps_before, read_maps(info["target_pid"]))
     wl.wait_exit(30)
     wl.fire()
@@ -67,6 +69,7 @@ def test_lazy_source_lost_during_postcopy(agent_factory, registry, workloads, tm
     target = agent_factory("stranded")
     src = c_workload(workloads, "live_writer", tmp_path / "src", "1024", registry=registry)
     src.start().wait_ready()
+    fds_before = sorted(os.listdir(f"/proc/{src.pid}/fd"))
     mark = target.mark()
     client = subprocess.Popen(umig_cmd("migrate", src.pid, target.target(), "--lazy"), stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, env=umig_env())
@@ -76,6 +79,7 @@ def test_lazy_source_lost_during_postcopy(agent_factory, registry, workloads, tm
     target.wait_for_line(rf"^stranded: pid {src.pid} failed: the source was lost during post-copy", 60, mark)
     wait_until(lambda: not alive(int(m[1])), 30, "the stranded process to be killed")
     target.assert_alive()
+    assert sorted(os.listdir(f"/proc/{src.pid}/fd")) == fds_before, "the working-set tracker's userfaultfd was left behind"
     src.fire()
     assert src.wait_exit(60) == 0
     assert_writer_exact(workloads, src.stdout(), "1024")

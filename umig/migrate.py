@@ -43,7 +43,7 @@ def migrate(pid, target, requested_pid_mode="keep", timeout=60.0, live=False, la
         if live:
             extra = _precopy(frozen, state, runs, writer, connection, tracking, notice, phases)
         elif lazy:
-            lazy_runs, extra = _postcopy_start(frozen, state, writer, connection, phases)
+            lazy_runs, extra = _postcopy_start(frozen, state, writer, connection, phases, notice)
         else:
             dump.write_image(writer, frozen, state, runs,
                              after_state=lambda: connection.expect("accepted", "checking the image"))
@@ -83,36 +83,57 @@ def migrate(pid, target, requested_pid_mode="keep", timeout=60.0, live=False, la
     return result
 
 
-def _first_state(frozen, state, writer, connection, phases):
+def _first_state(frozen, state, writer, connection, phases, meanwhile=lambda: None):
     """Send the first state (live, lazy), let the process run on, and wait until the target has
-    checked it and laid out the mappings. Returns how long the first freeze took."""
+    checked it and laid out the mappings (meanwhile() runs before that wait). Returns how long
+    the first freeze took."""
     writer.write(image.header(state["pid"]))
     writer.write(image.Record("state", state))
     frozen.run()
     first_freeze = time.monotonic() - frozen.stopped_at
     phases.mark("first state sent")
+    meanwhile()
     connection.expect("accepted", "checking the image")
     phases.mark("target prepared")
     return first_freeze
 
 
-def _postcopy_start(frozen, state, writer, connection, phases):
+def _postcopy_start(frozen, state, writer, connection, phases, notice):
     """The lazy path up to the resume. A first state lets the target check it, start the restorer
     and lay out the mappings while the process runs on; then, frozen again, the final state and
-    the pages userfaultfd cannot bring later. Returns the runs that follow once the process runs
-    on the target, and the figures of the first freeze."""
-    first_freeze = _first_state(frozen, dict(state, mode="lazy"), writer, connection, phases)
+    the pages userfaultfd cannot bring later, and those the process wrote meanwhile: its working
+    set, which it would fault on one by one right after the resume. Returns the runs that follow
+    once the process runs on the target, and the figures of the first freeze."""
+    try:
+        frozen.tracker = precopy.WriteTracker(frozen, state["memory"])
+    except UmigError as e:
+        notice(f"{e}; the working set goes with the other pages")
+    phases.mark("tracker armed")
+    # Write-protecting takes milliseconds per GiB: done while the process runs. Its working set
+    # is only a hint of what to send first; every page is read after the final freeze anyway.
+    first_freeze = _first_state(frozen, dict(state, mode="lazy"), writer, connection, phases,
+                                meanwhile=frozen.tracker.start if frozen.tracker else lambda: None)
     frozen.stop()
-    final, runs = dump.collect(frozen)
+    working_set = frozen.tracker.written() if frozen.tracker else []
+    final, runs = dump.collect(frozen, hidden_fds=frozen.tracker.fds if frozen.tracker else ())
     phases.mark("stop and final collect")
-    eager, lazy_runs = postcopy.split(final, runs)
+    eager, lazy_runs = postcopy.split(final, runs, working_set)
     writer.write(image.Record("state", dict(final, mode="lazy", lazy_runs=lazy_runs, discard=[])))
     # An eager page left out would be missing, and the restorer may touch it (the rseq area)
     # before anyone serves faults.
     dump.write_pages(writer, frozen.pid, eager)
     writer.write(image.Record("resume", {"pages": sum(length for _, length in lazy_runs) // PAGE_SIZE}))
     phases.mark("final state and eager pages")
-    return lazy_runs, {"first_freeze_s": round(first_freeze, 6)}
+    if frozen.tracker:
+        # While the target restores: a source that must resume after all (post-copy lost, umig
+        # gone) then keeps nothing of umig's.
+        frozen.tracker, tracker = None, frozen.tracker
+        tracker.disarm()
+        phases.mark("tracker disarmed")
+    return lazy_runs, {"first_freeze_s": round(first_freeze, 6),
+                       # pages sent ahead that would have come on demand without the working set
+                       "working_set_pages": sum(length for _, length in memory.intersect(
+                           eager, postcopy.split(final, runs)[1])) // PAGE_SIZE}
 
 
 def _precopy(frozen, state, runs, writer, connection, tracking, notice, phases):

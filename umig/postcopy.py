@@ -1,7 +1,9 @@
 """Post-copy ("lazy") migration: the process runs on the target before its memory has arrived.
 
 The source sends the state, the stack and the pages userfaultfd cannot fetch later (copy-on-write
-pages of private file mappings, shared memory), then the process resumes on the target. Its heap
+pages of private file mappings, shared memory), and the pages the process wrote while the target
+prepared (its working set, found with the pre-copy write tracker, umig/precopy.py: each would
+otherwise be a fault right after the resume), then the process resumes on the target. Its heap
 and anonymous mappings are registered with a userfaultfd the restorer creates and hands to the
 agent (pidfd_getfd): a page the process touches is asked of the source at once, while the source
 streams all the others in the background. The source is released only when every
@@ -53,11 +55,12 @@ _MSG = struct.Struct("<BBHI24s")
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def split(state, runs):
+def split(state, runs, working_set=()):
     """(eager, lazy) page runs: userfaultfd serves missing pages of anonymous private memory only,
     and not those the kernel writes while the restorer still runs (the rseq area, on registration):
-    no one would answer that fault."""
-    lazy_spans = memory.spans(state["memory"], LAZY_KINDS)
+    no one would answer that fault. Pages of the `working_set` runs go eagerly too."""
+    lazy_spans = memory.intersect(memory.spans(state["memory"], LAZY_KINDS),
+                                  memory.complement(working_set, 0, 2 ** 64))
     if state["rseq"]:
         first = state["rseq"]["address"] & ~(PAGE_SIZE - 1)
         last = (state["rseq"]["address"] + state["rseq"]["length"] - 1) & ~(PAGE_SIZE - 1)

@@ -45,12 +45,19 @@ SHRINK_FACTOR = 0.9        # a round must leave less than this share of the prev
 
 def tracker(frozen, section, method, notice):
     """The write tracker for `method` ("userfaultfd", falling back to page hashes where the kernel
-    lacks async write-protect and saying so through `notice`, or "hashes")."""
+    lacks async write-protect and saying so through `notice`, or "hashes"), started."""
     if method == "userfaultfd":
         try:
-            return WriteTracker(frozen, section)
+            armed = WriteTracker(frozen, section)
         except UmigError as e:
             notice(f"{e}; comparing page hashes instead")
+        else:
+            try:
+                armed.start()  # stopped: every page is protected before pre-copy reads any
+            except UmigError:
+                armed.disarm()
+                raise
+            return armed
     return HashTracker(frozen, section)
 
 
@@ -84,11 +91,11 @@ class WriteTracker:
             self.tracked = [m for m in section["mappings"] if m["kind"] in TRACKED_KINDS]
         self.lost = set()
         self._pagemap = os.open(procfs.proc_path(frozen.pid, "pagemap"), os.O_RDONLY)
-        try:
-            self.written()  # write-protects everything: from here on, writes are what it reports
-        except UmigError:
-            self.disarm()
-            raise
+
+    def start(self):
+        """Write-protect every page: from here on, writes are what it reports (the process may
+        run meanwhile: a page it writes then may be reported or not)."""
+        self.written()
 
     def written(self):
         """Runs of pages written since the last call, write-protected again as they are reported."""
