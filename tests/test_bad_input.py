@@ -186,17 +186,20 @@ def test_foreign_format_refused(image, tmp_path):
     assert_refused(other, "an image of another format")
 
 
-@pytest.mark.parametrize("mode", [None, "lazy"])
-def test_sync_record_outside_a_live_stream_refused(mode):
-    """Only a live stream may ask the target to sync; anywhere else the record is out of order."""
-    def reader(mode):
-        records = [umig_image.header(1), umig_image.Record("state", {"pid": 1, "mode": mode}),
-                   umig_image.Record("sync", {})]
+@pytest.mark.parametrize("mode, states", [(None, 1), ("lazy", 2)])
+def test_sync_record_out_of_place_refused(mode, states):
+    """Syncs belong to a live stream and to a lazy one before its final state; anywhere else (a
+    stop-and-copy image, a lazy stream after its final state) the record is out of order."""
+    def reader(mode, states):
+        records = [umig_image.header(1)] + [umig_image.Record("state", {"pid": 1, "mode": mode})] * states + \
+            [umig_image.Record("sync", {})]
         frames = iter([frame for seq, record in enumerate(records) for frame in umig_image.encode(record, seq)])
         return umig_image.ImageReader(lambda: next(frames))
-    assert [record.kind for record in reader("live")] == ["header", "state", "sync"]
-    records = reader(mode)
-    next(records), next(records)
+    assert [record.kind for record in reader("live", 1)] == ["header", "state", "sync"]
+    assert [record.kind for record in reader("lazy", 1)] == ["header", "state", "sync"]
+    records = reader(mode, states)
+    for _ in range(1 + states):
+        next(records)
     with pytest.raises(DamagedImage, match="a sync record where"):
         next(records)
 

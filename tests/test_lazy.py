@@ -13,12 +13,15 @@ from conftest import (alive, assert_maps_equal, c_workload, migrate, proc_state,
                       wait_until)
 from test_failures import (assert_target_clean, finish_and_compare, migrate_expecting_failure,  # noqa: F401
                            migrate_killing_the_agent, pair)
-from test_live import WRITER_MIB, assert_writer_exact
+from test_live import assert_writer_exact
+
+SMALL_WRITER_MIB = "32"
 from test_migrate import c_make, migrate_and_compare  # noqa: F401  (fixture)
 
 
 def test_lazy_writer_touching_pages_in_random_order(agent, registry, workloads, tmp_path):
-    wl = c_workload(workloads, "live_writer", tmp_path / "mig", WRITER_MIB, registry=registry)
+    # Small enough for its working set to be learnt (postcopy.WORKING_SET_WATCH_LIMIT).
+    wl = c_workload(workloads, "live_writer", tmp_path / "mig", SMALL_WRITER_MIB, registry=registry)
     wl.start().wait_ready()
     maps_before = read_maps(wl.pid)
     since = agent.mark()
@@ -30,7 +33,7 @@ def test_lazy_writer_touching_pages_in_random_order(agent, registry, workloads, 
     wl.wait_exit(30)
     wl.fire()
     assert agent.wait_exit(info["target_pid"], 60, since) == ("status", 0)
-    assert_writer_exact(workloads, wl.stdout())
+    assert_writer_exact(workloads, wl.stdout(), SMALL_WRITER_MIB)
 
 
 @pytest.mark.parametrize("mode", ["lazy", "live"])

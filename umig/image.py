@@ -18,7 +18,8 @@ import zstandard
 from umig.errors import DamagedImage, UmigError
 
 # 2: a lazy stream has a first and a final state (version 1 had one). 3: a live stream may ask the
-# target to say when it has placed every page sent so far (sync).
+# target to say when it has placed every page sent so far (sync); a lazy one has pages (and
+# syncs) between its two states.
 FORMAT_VERSION = 3
 FILE_MAGIC = b"UMIGIMG\n"
 KINDS = ("header", "state", "pages", "sync", "resume", "end")
@@ -93,6 +94,7 @@ class ImageReader:
         self._seq = 0
         self._ended = False
         self._mode = None
+        self._final = False  # a live or lazy stream's second state has come
         self.pages = 0
         self.bytes = 0
 
@@ -110,7 +112,7 @@ class ImageReader:
         # and the rest of its pages follow.
         expected = ("header",) if seq == 0 else ("state",) if seq == 1 else \
             ("pages", "sync", "state", "end") if self._mode == "live" else \
-            ("state",) if self._mode == "lazy" and seq == 2 else \
+            ("pages", "sync", "state") if self._mode == "lazy" and not self._final else \
             ("pages", "resume") if self._mode == "lazy" else ("pages", "end")
         if kind not in expected:
             raise DamagedImage(f"damaged image: a {kind} record where {' or '.join(expected)} belongs")
@@ -125,6 +127,8 @@ class ImageReader:
             check_header(meta)
         elif kind == "state" and seq == 1:
             self._mode = meta.get("mode")
+        elif kind == "state":
+            self._final = True
         elif kind == "resume":
             self._mode = None  # once
         elif kind == "pages":

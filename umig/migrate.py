@@ -98,14 +98,24 @@ def _first_state(frozen, state, writer, connection, phases, meanwhile=lambda: No
     return first_freeze
 
 
+def _settle(writer, connection, phases, step):
+    """Return once the target has placed every page sent so far: the freeze that follows then
+    has the machine to itself, not a target still busy with them."""
+    writer.write(image.Record("sync", {}))
+    connection.expect("synced", "placing the pages sent")
+    phases.mark(step)
+
+
 def _postcopy_start(frozen, state, writer, connection, phases, notice):
     """The lazy path up to the resume. A first state lets the target check it, start the restorer
     and lay out the mappings while the process runs on; then, frozen again, the final state and
     the pages userfaultfd cannot bring later, and those the process wrote meanwhile: its working
     set, which it would fault on one by one right after the resume. Returns the runs that follow
     once the process runs on the target, and the figures of the first freeze."""
+    mappings = state["memory"]["mappings"]
+    heaps = sum(m["pages"] for m in mappings if m["kind"] in postcopy.LAZY_KINDS) * PAGE_SIZE
     try:
-        frozen.tracker = precopy.WriteTracker(frozen, state["memory"])
+        frozen.tracker = precopy.WriteTracker(frozen, state["memory"], postcopy.tracked_kinds(heaps))
     except UmigError as e:
         notice(f"{e}; the working set goes with the other pages")
     phases.mark("tracker armed")
@@ -113,12 +123,23 @@ def _postcopy_start(frozen, state, writer, connection, phases, notice):
     # is only a hint of what to send first; every page is read after the final freeze anyway.
     first_freeze = _first_state(frozen, dict(state, mode="lazy"), writer, connection, phases,
                                 meanwhile=frozen.tracker.start if frozen.tracker else lambda: None)
+    ahead = []
+    if frozen.tracker:
+        # What must arrive before the resume goes while the process still runs (the tracker is on
+        # by now: what it writes from here is sent again), and the target places it meanwhile.
+        ahead = postcopy.split(state, memory.present_runs(frozen.pid, state["memory"]["mappings"]))[0]
+        dump.write_pages(writer, frozen.pid, ahead, tolerant=True)
+        _settle(writer, connection, phases, "eager pages ahead, until the target placed them")
     frozen.stop()
     working_set = frozen.tracker.written() if frozen.tracker else []
     final, runs = dump.collect(frozen, hidden_fds=frozen.tracker.fds if frozen.tracker else ())
     phases.mark("stop and final collect")
     eager, lazy_runs = postcopy.split(final, runs, working_set)
-    writer.write(image.Record("state", dict(final, mode="lazy", lazy_runs=lazy_runs, discard=[])))
+    discard = []
+    if frozen.tracker:
+        eager, discard = precopy.final_pages(state["memory"], final["memory"], working_set, eager,
+                                             frozen.tracker.tracked, frozen.tracker.lost, ahead)
+    writer.write(image.Record("state", dict(final, mode="lazy", lazy_runs=lazy_runs, discard=discard)))
     # An eager page left out would be missing, and the restorer may touch it (the rseq area)
     # before anyone serves faults.
     dump.write_pages(writer, frozen.pid, eager)
@@ -148,12 +169,9 @@ def _precopy(frozen, state, runs, writer, connection, tracking, notice, phases):
         sent.extend(round_runs)
         return dump.write_pages(writer, pid, round_runs, observe=frozen.tracker.sent, tolerant=True)
 
-    def settle():
-        writer.write(image.Record("sync", {}))
-        connection.expect("synced", "placing the pages of the rounds")
-        phases.mark("rounds, until the target placed them")
-
-    written, rounds, reason = precopy.copy_rounds(frozen, frozen.tracker, runs, send_round, settle)
+    written, rounds, reason = precopy.copy_rounds(
+        frozen, frozen.tracker, runs, send_round,
+        settle=lambda: _settle(writer, connection, phases, "rounds, until the target placed them"))
     phases.mark("stop and last scan")
     # The tracker stays armed: closing its userfaultfd write-unprotects every page, milliseconds
     # per GiB of the freeze, and a source released dies with it. Only a thaw disarms it.

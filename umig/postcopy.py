@@ -23,7 +23,7 @@ import time
 
 import zmq
 
-from umig import image
+from umig import image, precopy
 from umig.errors import UmigError
 from umig.procfs import PAGE_SIZE
 from umig.state import memory
@@ -51,6 +51,9 @@ UFFDIO_ZEROPAGE = 0xC020AA04
 UFFD_FEATURE_EVENT_REMAP, UFFD_FEATURE_EVENT_REMOVE, UFFD_FEATURE_EVENT_UNMAP = 1 << 2, 1 << 3, 1 << 6
 # The agent must learn of ranges the process drops or moves before their pages come.
 LAZY_FEATURES = UFFD_FEATURE_EVENT_REMAP | UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_EVENT_UNMAP
+# The tracker is disarmed in the final freeze, which unprotects every page it watched: about 8 ms
+# per GiB here. Heaps larger than this are not watched for a working set.
+WORKING_SET_WATCH_LIMIT = 64 << 20
 _MSG = struct.Struct("<BBHI24s")
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -71,6 +74,14 @@ def split(state, runs, working_set=()):
 
 
 # --- source ------------------------------------------------------------------------------------------
+
+def tracked_kinds(heaps):
+    """The mappings the write tracker watches in a lazy migration, with `heaps` bytes of lazy
+    pages: every kind whose pages go before the resume (so that they can go while the process
+    still runs, then only what it writes since), and the lazy kinds to learn the working set,
+    where that is cheap."""
+    eager = tuple(kind for kind in precopy.TRACKED_KINDS if kind not in LAZY_KINDS)
+    return eager + LAZY_KINDS if heaps <= WORKING_SET_WATCH_LIMIT else eager
 
 def serve(pid, writer, connection, lazy_runs):
     """Stream the lazy pages while answering the target's faults first; returns when the target

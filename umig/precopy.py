@@ -65,9 +65,10 @@ class WriteTracker:
     """A userfaultfd in async write-protect mode inside the process, and the scans that read it."""
     method = "userfaultfd"
 
-    def __init__(self, frozen, section):
-        """Arm it: the process must be stopped (injected syscalls)."""
+    def __init__(self, frozen, section, kinds=TRACKED_KINDS):
+        """Arm it for the mappings of these kinds: the process must be stopped (injected syscalls)."""
         self.frozen = frozen
+        self.tracked = [m for m in section["mappings"] if m["kind"] in kinds]
         with frozen.inside():
             fd = frozen.syscall_checked("userfaultfd", SYS_USERFAULTFD, O_CLOEXEC | O_NONBLOCK | UFFD_USER_MODE_ONLY)
             # Out of the way: the process's next open() should get the number it would have got.
@@ -81,14 +82,13 @@ class WriteTracker:
                           Buffer(data=struct.pack("<QQQ", UFFD_API, UFFD_FEATURE_WP_ASYNC, 0)))]
             calls += [Call(f"UFFDIO_REGISTER of mappings {start:x}-{end:x}", SYS_IOCTL, fd, memory.UFFDIO_REGISTER,
                            Buffer(data=struct.pack("<QQQQ", start, end - start, UFFDIO_REGISTER_MODE_WP, 0)))
-                      for start, end in _neighbourhoods(section["mappings"])]
+                      for start, end in _neighbourhoods(section["mappings"], self.tracked)]
             frozen.session.run_batch(calls)  # each ioctl alone cost two wake-ups of the process
             failed = next((call for call in calls if call.result < 0), None)
             if failed:
                 frozen.syscall_checked("close of the userfaultfd", SYS_CLOSE, fd)
                 raise UmigError(f"{failed.name} inside pid {frozen.pid} failed: {os.strerror(-failed.result)} "
                                 "(live migration needs userfaultfd write-protect in async mode, Linux 6.7 or later)")
-            self.tracked = [m for m in section["mappings"] if m["kind"] in TRACKED_KINDS]
         self.lost = set()
         self._pagemap = os.open(procfs.proc_path(frozen.pid, "pagemap"), os.O_RDONLY)
 
@@ -182,14 +182,15 @@ class HashTracker:
     forget = disarm
 
 
-def _neighbourhoods(mappings):
-    """(start, end) of each series of tracked mappings with no other mapping between them. One
+def _neighbourhoods(mappings, tracked):
+    """(start, end) of each series of `tracked` mappings with no other mapping between them. One
     UFFDIO_REGISTER takes a whole series, holes included: one injected ioctl per mapping cost
     several milliseconds of the first freeze in a process with a hundred mappings."""
+    tracked = {m["start"] for m in tracked}
     series = []
     extend = False
     for m in mappings:
-        if m["kind"] not in TRACKED_KINDS:
+        if m["start"] not in tracked:
             extend = False
         elif extend:
             series[-1][1] = m["end"]
