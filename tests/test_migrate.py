@@ -187,6 +187,20 @@ def test_signals(agent, registry, c_make):
     assert "pid: kept" in out and "handled 36 code -1 value 111" in out and "altstack yes" in out
 
 
+def test_signals_an_agent_ignores_stay_default(agent_factory, registry, c_make):
+    """The restorer inherits the signals its agent ignores; the process had them at their
+    default, and has them so after the move."""
+    deaf = agent_factory("deaf", prefix=["env", "--ignore-signal=HUP,USR2,TERM"])
+    ignored = {}
+
+    def note(wl):
+        ignored["before"] = proc_status(wl.pid)["SigIgn"]
+
+    def compare(info):
+        assert proc_status(info["target_pid"])["SigIgn"] == ignored["before"]
+    migrate_and_compare(deaf, registry, c_make("memory", "4"), before_migrate=note, after_restore=compare)
+
+
 def test_files(agent, registry, c_make):
     """Regular files at offsets (read, pwrite, write, O_APPEND), character devices, FD_CLOEXEC,
     O_NONBLOCK, cwd and umask; the files written are compared too."""

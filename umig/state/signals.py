@@ -54,10 +54,13 @@ def dump(frozen):
 
 
 def restore(restorer, section):
-    # Every signal, the default ones too: the restorer inherited its starter's ignored signals.
+    # The restorer has no handlers (exec resets them) but inherited its starter's ignored
+    # signals: those go back to the default unless the image has them. One step per signal
+    # would be sixty in the final freeze.
     actions = {action[0]: action[1:] for action in section["actions"]}
+    inherited = int(procfs.status(restorer.pid)["SigIgn"], 16)
     for signo in range(1, 65):
-        if signo not in (SIGKILL, SIGSTOP):
+        if signo not in (SIGKILL, SIGSTOP) and (signo in actions or inherited & 1 << (signo - 1)):
             restorer.sigaction(signo, *actions.get(signo, (SIG_DFL, 0, 0, 0)))
     altstack = section["altstack"]
     if not altstack["flags"] & SS_DISABLE:
