@@ -19,6 +19,7 @@ import pytest
 from conftest import (Workload, assert_clean_failure, assert_maps_equal, assert_running_untraced, assert_same_output,
                       c_workload, migrate, nspid, proc_status, read_maps, reference_run, run_umig, sha256_file,
                       wait_gone, wait_until, write_input_text)
+from umig.state import memory
 
 
 def check_restored(info, source_pid, source_exe, maps_before, agent, since, *, pid_mode="keep"):
@@ -199,6 +200,38 @@ def test_signals_an_agent_ignores_stay_default(agent_factory, registry, c_make):
     def compare(info):
         assert proc_status(info["target_pid"])["SigIgn"] == ignored["before"]
     migrate_and_compare(deaf, registry, c_make("memory", "4"), before_migrate=note, after_restore=compare)
+
+
+def test_all_zero_pages_of_fresh_memory_stay_home(registry):
+    """Pages that read as zeros where the target maps fresh memory are not sent: written with
+    zeros, or never touched; a page with a zero first word and data after it is sent whole."""
+    pages = 48
+    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import ctypes, mmap, sys
+        m = mmap.mmap(-1, {pages} * 4096)
+        for i in range({pages}):
+            if i % 3 == 0:
+                m[i * 4096] = 0                          # touched, all zeros
+            elif i % 3 == 1:
+                m[i * 4096 + (100 if i % 2 else 0)] = i  # data, after a zero word or not
+        print(ctypes.addressof(ctypes.c_char.from_buffer(m)), flush=True)
+        sys.stdin.read()
+    """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    registry.remember(child.pid)
+    try:
+        start = int(child.stdout.readline())
+        region = [[start, pages * 4096]]
+        batches = list(memory.read_batches(child.pid, region, zero_spans=region))
+        kept = [(run_start, length) for runs, _ in batches for run_start, length in runs]
+        assert kept == [(start + i * 4096, 4096) for i in range(1, pages, 3)]
+        data = b"".join(bytes(buffer) for _, buffer in batches)
+        for n, i in enumerate(range(1, pages, 3)):
+            expected = bytearray(4096)
+            expected[100 if i % 2 else 0] = i
+            assert data[n * 4096:(n + 1) * 4096] == expected
+    finally:
+        child.kill()
+        child.wait()
 
 
 def test_files(agent, registry, c_make):
