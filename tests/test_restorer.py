@@ -376,7 +376,8 @@ def test_page_writer_fills_missing_present_and_unregistered_memory(restorers):
     r.map(DATA + size, size, prot=PROT_RW)
     r.sync()
     write_memory(r.pid, DATA + (2 << 20), b"x" * 4096)  # a page already there, mid-run
-    writer = memory.PageWriter(r, {"mappings": [{"kind": "anon", "start": DATA, "end": DATA + size}]})
+    writer = memory.PageWriter(r, {"mappings": [{"kind": "anon", "start": DATA, "end": DATA + size,
+                                                 "pages": size // 4096, "vmflags": []}]})
     try:
         bulk = os.urandom(4 << 20)
         writer.write([[DATA, len(bulk)]], bulk)                          # missing, then present
@@ -387,6 +388,70 @@ def test_page_writer_fills_missing_present_and_unregistered_memory(restorers):
         writer.close()
     assert read_memory(r.pid, DATA, len(bulk)) == bulk
     assert read_memory(r.pid, DATA + size - (2 << 20), len(bulk)) == bulk
+    r.umask(0o22)
+    r.sync()  # the restorer is unharmed
+
+
+def vmflags(pid, start):
+    """The VmFlags of the mapping at start."""
+    lines = Path(f"/proc/{pid}/smaps").read_text().splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith(f"{start:x}-"))
+    return next(line.split()[1:] for line in lines[at:] if line.startswith("VmFlags:"))
+
+
+def test_page_writer_sparse_mapping_vectored(restorers):
+    """A mapping of which little travels is left out of the userfaultfd (unless a fault there may
+    bring in a huge page), its scattered pages written many runs to a process_vm_writev: more
+    runs than one call takes, in a batch of its own and in one that begins in registered memory
+    and crosses into it; its holes stay zeros. A write that stops short at a page it cannot write
+    goes on from there, and fails naming that page."""
+    r = restorers()
+    r.start("any")
+    sparse, sparse_size = DATA + (1 << 30), 256 << 20
+    dense, huge = sparse - (8 << 20), DATA + (2 << 30)
+    r.map(dense, 8 << 20, prot=PROT_RW)
+    r.map(sparse, sparse_size, prot=PROT_RW, flags=mmap.MAP_PRIVATE | memory.MAP_NORESERVE)
+    r.map(huge, 64 << 20, prot=PROT_RW)
+    r.madvise(huge, 64 << 20, memory.MADVISED["hg"])
+    r.sync()
+    starts = sorted(random.Random(7).sample(range(sparse + 4 * 4096, sparse + sparse_size, 4 * 4096), 2600))
+    runs = [[start, 4096 * (3 if i % 50 == 0 else 1)] for i, start in enumerate(starts)]
+    write_memory(r.pid, runs[7][0], b"x" * 4096)  # a page already there
+    carried = 256 + 1 + sum(length for _, length in runs) // 4096
+    assert carried * 4096 * memory.SPARSE_SHARE < sparse_size
+    writer = memory.PageWriter(r, {"mappings": [
+        {"kind": "anon", "start": dense, "end": sparse, "pages": 2048, "vmflags": []},
+        {"kind": "anon", "start": sparse, "end": sparse + sparse_size, "pages": carried, "vmflags": ["nr"]},
+        {"kind": "heap", "start": huge, "end": huge + (64 << 20), "pages": 1, "vmflags": ["hg"]}]})
+    try:
+        assert "um" in vmflags(r.pid, dense) and "um" not in vmflags(r.pid, sparse)
+        takes_huge_pages = bool(memory._thp_modes() & {"always", "madvise"})
+        assert ("um" in vmflags(r.pid, huge)) == takes_huge_pages
+        expected = bytearray(sparse_size)
+        crossing = [sparse - (1 << 20), (1 << 20) + 4096]  # into the sparse mapping's first page
+        for batch in (runs[:1500], [crossing] + runs[1500:]):
+            payload = os.urandom(sum(length for _, length in batch))
+            writer.write(batch, payload)
+            offset = 0
+            for start, length in batch:
+                skip = max(sparse - start, 0)
+                expected[start + skip - sparse:start + length - sparse] = payload[offset + skip:offset + length]
+                offset += length
+        assert read_memory(r.pid, dense + (7 << 20), 1 << 20) == payload[:1 << 20]
+        here = read_memory(r.pid, sparse, sparse_size)
+        wrong = [page for page in range(0, sparse_size, 4096) if here[page:page + 4096] != expected[page:page + 4096]]
+        assert not wrong, f"{len(wrong)} pages differ, the first at {sparse + wrong[0]:#x}"
+
+        singles = [[start, 4096] for start, _ in runs]
+        r.unmap(singles[2000][0], 4096)
+        r.sync()
+        payload = os.urandom(4096 * len(singles))
+        with pytest.raises(UmigError, match=rf"writing 4096 bytes at {singles[2000][0]:#x} into pid \d+ failed: "
+                                            "Bad address"):
+            writer.write(singles, payload)
+        assert read_memory(r.pid, singles[1999][0], 4096) == payload[1999 * 4096:2000 * 4096]
+    finally:
+        writer.close()
     r.umask(0o22)
     r.sync()  # the restorer is unharmed
 
