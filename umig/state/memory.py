@@ -345,13 +345,15 @@ def read_batches(pid, runs, batch_bytes=BATCH_BYTES, zero_spans=(), tolerant=Fal
 
     def next_buffer():
         stores.append(bytearray(size) if len(stores) < ring else stores.pop(0))  # the oldest, once all exist
-        return stores[-1], memoryview(stores[-1])
+        return memoryview(stores[-1])
 
-    store, buffer = next_buffer()
+    buffer = next_buffer()
 
     def batch(batch_runs, filled):
-        # One scan in C finds out whether there is anything to drop at all.
-        if zero_spans and store.find(_ZERO_PAGE, 0, filled) >= 0:
+        # A page whose first word is not zero is not all zeros: that is most pages, and looking at
+        # one word a page costs a tenth of searching the batch for a zero page (which stumbles on
+        # every run of zero bytes).
+        if zero_spans and 0 in buffer[:filled].cast("Q")[::PAGE_SIZE // 8].tolist():
             batch_runs, filled = _without_zero_pages(buffer, batch_runs, zero_spans)
         return batch_runs, buffer[:filled]
 
@@ -377,7 +379,7 @@ def read_batches(pid, runs, batch_bytes=BATCH_BYTES, zero_spans=(), tolerant=Fal
                 if filled == size:
                     yield batch(batch_runs, filled)
                     batch_runs, filled = [], 0
-                    store, buffer = next_buffer()
+                    buffer = next_buffer()
         if filled:
             yield batch(batch_runs, filled)
     finally:
