@@ -100,6 +100,7 @@ class Connection:
         self._poller = zmq.Poller()
         self._poller.register(self._monitor, zmq.POLLIN)
         self._connected = False
+        self._lost = None  # why the connection is gone, once it is: nothing more is sent then
         self._pending = collections.deque()
         self._unsent = collections.deque()  # trackers of records ZeroMQ may still be reading
         try:
@@ -118,7 +119,8 @@ class Connection:
                 elif event == zmq.EVENT_CONNECT_RETRIED and not self._connected:
                     raise UmigError(f"no agent answers at {self.endpoint} (connection refused)")
                 elif event in (zmq.EVENT_DISCONNECTED, zmq.EVENT_CLOSED) and self._connected:
-                    raise UmigError(f"connection to the agent at {self.endpoint} was lost")
+                    self._lost = f"connection to the agent at {self.endpoint} was lost"
+                    raise UmigError(self._lost)
         return events
 
     def _wait(self, flag, what):
@@ -135,6 +137,8 @@ class Connection:
             self._poller.unregister(self._socket)
 
     def send(self, frames, what="sending", copy=True):
+        if self._lost:  # a message to say why we give up, for one, would wait its whole timeout
+            raise UmigError(self._lost)
         # A failure the agent reports while pages still stream must stop the stream at once.
         while self._socket.poll(0, zmq.POLLIN):
             incoming = self._socket.recv_multipart()
@@ -151,7 +155,10 @@ class Connection:
         # per record: as much CPU as the kernel's copies of the same bytes.
         self._unsent.append(self._socket.send_multipart(frames, copy=False, track=True))
         while len(self._unsent) > UNSENT_RECORDS:
-            self._unsent.popleft().wait()
+            try:
+                self._unsent.popleft().wait(self.timeout)
+            except zmq.NotDone:
+                raise UmigError(f"the agent at {self.endpoint} took no record for {self.timeout:g} s ({what})") from None
 
     def send_record(self, frames):
         """Send an image record; its buffers must stay as they are for UNSENT_RECORDS more records."""
