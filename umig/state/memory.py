@@ -267,12 +267,16 @@ def dump(pid):
     mappings, files, runs = [], {}, []
     pagemap_fd = os.open(procfs.proc_path(pid, "pagemap"), os.O_RDONLY)
     smaps = procfs.smaps(pid)
+    kinds = {}  # a file's several mappings (text, data, ...) are one file to look at
     try:
         for entry in procfs.maps(pid):
             # Registrations with a userfaultfd (um, uw, ui) are the live write tracker's: they
             # do not travel, nor tell a mapping from the one built before the tracker was armed.
             flags = [flag for flag in smaps[entry.start]["vmflags"] if flag not in _USERFAULTFD_FLAGS]
-            kind = classify(pid, entry, flags)
+            same_file = (entry.path, entry.device, entry.inode, entry.shared, "lo" in flags)
+            if not entry.inode or same_file not in kinds:
+                kinds[same_file] = classify(pid, entry, flags)
+            kind = kinds[same_file]
             mapping = {"start": entry.start, "end": entry.end, "prot": _prot(entry.perms),
                        "shared": entry.shared, "offset": entry.offset, "kind": kind, "path": entry.path,
                        "vmflags": flags}
