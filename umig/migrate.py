@@ -28,6 +28,7 @@ def migrate(pid, target, requested_pid_mode="keep", timeout=60.0, live=False, la
     phases = Phases()
     memory.forget_file_contents()
     dump.refuse_blocked(pid)
+    memory.identify_files(pid)
     connection = Connection(target, timeout)
     frozen = None
     try:
@@ -127,7 +128,7 @@ def _postcopy_start(frozen, state, writer, connection, phases, notice):
     if frozen.tracker:
         # What must arrive before the resume goes while the process still runs (the tracker is on
         # by now: what it writes from here is sent again), and the target places it meanwhile.
-        ahead = postcopy.split(state, memory.present_runs(frozen.pid, state["memory"]["mappings"]))[0]
+        ahead = postcopy.split(state, memory.present_runs(frozen.pid, mappings))[0]
         dump.write_pages(writer, frozen.pid, ahead, tolerant=True)
         _settle(writer, connection, phases, "eager pages ahead, until the target placed them")
     frozen.stop()

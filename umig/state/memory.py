@@ -157,6 +157,16 @@ def file_identity(path, content=True):
     return identity
 
 
+def identify_files(pid):
+    """Identify the contents of the files pid maps now, while it runs: the freeze then finds them
+    known (the cache's key holds all a change of the file would change) instead of reading and
+    hashing them, milliseconds of the first freeze of a Python interpreter."""
+    for entry in procfs.maps(pid):
+        if entry.inode and not entry.shared and entry.path.startswith("/"):
+            with contextlib.suppress(OSError):
+                file_identity(entry.path)
+
+
 def forget_file_contents():
     """Each migration identifies file contents anew: a file written through a shared mapping may
     keep its mtime for a while, and the agent lives long."""
