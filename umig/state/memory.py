@@ -201,6 +201,9 @@ def check_identity(path, identity, what):
 def _scan(pagemap_fd, start, end, anyof, returned):
     """(start, end, categories) regions of [start, end) whose pages match any of `anyof`."""
     vec = (_PageRegion * 512)()
+    # The regions as plain integers in one call: a ctypes object for each of thousands of
+    # scattered pages cost more than the kernel's walk.
+    words = memoryview(vec).cast("B").cast("Q")
     while start < end:
         arg = _ScanArg(size=ctypes.sizeof(_ScanArg), start=start, end=end, vec=ctypes.addressof(vec),
                        vec_len=len(vec), category_anyof_mask=anyof, return_mask=returned)
@@ -209,8 +212,8 @@ def _scan(pagemap_fd, start, end, anyof, returned):
             err = ctypes.get_errno()
             raise UmigError(f"PAGEMAP_SCAN on [{start:x}, {end:x}) failed: {os.strerror(err)} "
                             "(needs Linux 6.7 or later)")
-        for region in vec[:n]:
-            yield region.start, region.end, region.categories
+        regions = iter(words[:3 * n].tolist())
+        yield from zip(regions, regions, regions)
         start = arg.walk_end
 
 
