@@ -1,6 +1,7 @@
 """The node daemon: receives migrations on a ZeroMQ ROUTER socket, restores them, reaps what it
 restored, and logs one line per event. One migration at a time; others are told it is busy."""
 import ctypes
+import gc
 import os
 import signal
 import sys
@@ -166,4 +167,7 @@ def run(listen, name, scheduling=None):
     from umig import balance
     balance.attach(agent, scheduling or {})
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # What start-up made lives as long as the agent: a full collection that walks it all (some
+    # 25,000 objects, milliseconds) must not fall inside a process's freeze.
+    gc.freeze()
     agent.serve()

@@ -1,5 +1,6 @@
 """umig's command line: agent, migrate, dump, restore, show, check, and the scheduler's nodes, run, top."""
 import argparse
+import gc
 import json
 import os
 import sys
@@ -70,6 +71,7 @@ def cmd_top(args):
 
 def cmd_migrate(args):
     from umig.migrate import migrate
+    gc.freeze()  # as in the agent: no full collection of the imports' objects within the freeze
     _report(migrate(args.pid, args.target, args.pid_mode, args.timeout, live=args.live, lazy=args.lazy,
                     codec=args.compress, tracking=args.tracking,
                     notice=lambda line: print(f"umig: note: {line}", file=sys.stderr)), args.json, "migrated")
