@@ -20,6 +20,7 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="tracing needs root (o
 
 NR_READ = 0
 NR_WRITE = 1
+NR_NANOSLEEP = 35
 NR_RT_SIGSUSPEND = 130
 NR_CLOCK_NANOSLEEP = 230
 SA_SIGINFO, SA_RESTART, SA_RESTORER = 0x4, 0x10000000, 0x04000000
@@ -155,6 +156,17 @@ int main(int argc, char **argv) {
     clock_gettime(CLOCK_MONOTONIC, &b);
     printf("ret=%d errno=%d elapsed=%.3f\n", r, r ? e : 0, (b.tv_sec - a.tv_sec) + (b.tv_nsec - a.tv_nsec) / 1e9);
     return 0;
+}
+""",
+    # Refuses itself writable code (PR_SET_MDWE), then sleeps.
+    "no_wx": r"""
+#include <stdio.h>
+#include <sys/prctl.h>
+#include <unistd.h>
+int main(void) {
+    if (prctl(65 /* PR_SET_MDWE */, 1 /* PR_MDWE_REFUSE_EXEC_GAIN */, 0, 0, 0)) { perror("prctl"); return 1; }
+    printf("ready\n"); fflush(stdout);
+    for (;;) pause();
 }
 """,
     # Waits in sigsuspend with nothing blocked while SIGUSR1 is blocked outside it.
@@ -620,6 +632,37 @@ def test_signal_state_and_remote_syscalls(spawn, bins):
     proc.send(b"x\n")
     assert proc.line() == "got 2 x"
     assert proc.finish() == 0
+
+
+def test_sigcont_during_a_batch_is_kept(spawn, bins):
+    """A SIGCONT that comes while a batch runs, which the batch's own SIGSTOP would discard, is
+    pending afterwards (to be delivered when the session ends)."""
+    proc = spawn([bins["sleeper"], "30"])
+    assert proc.line() == "sleeping"
+    with tracee(spawn, proc.pid).freeze() as t:
+        with t.syscall_session() as s:
+            sender = threading.Timer(0.1, os.kill, (proc.pid, signal.SIGCONT))
+            sender.start()
+            calls = [Call("nanosleep", NR_NANOSLEEP, Buffer(data=struct.pack("<qq", 0, 300_000_000)), 0)]
+            s.run_batch(calls)
+            sender.join()
+            assert calls[0].result == 0
+            pending = int(status_field(proc.pid, "SigPnd"), 16) | int(status_field(proc.pid, "ShdPnd"), 16)
+            assert pending & bit(signal.SIGCONT), "the SIGCONT that came during the batch is gone"
+
+
+def test_batch_where_code_cannot_be_written(spawn, bins):
+    """A process that refuses writable code (PR_SET_MDWE) cannot have an executable scratch
+    area: its batches run one call at a time, with the same results."""
+    proc = spawn([bins["no_wx"]])
+    assert proc.line() == "ready"
+    with tracee(spawn, proc.pid).freeze() as t:
+        with t.syscall_session() as s:
+            out = Buffer(KernelSigaction.SIZE)
+            calls = [Call("getpid", NR_GETPID), Call("rt_sigaction", NR_RT_SIGACTION, signal.SIGUSR1, 0, out, 8)]
+            s.run_batch(calls)
+            assert [call.result for call in calls] == [proc.pid, 0]
+            assert KernelSigaction.from_bytes(out.data).handler == 0
 
 
 def test_sigsuspend_keeps_its_mask_across_remote_syscalls(spawn, bins):

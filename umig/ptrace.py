@@ -93,6 +93,7 @@ NR_MMAP = 9
 NR_MUNMAP = 11
 NR_RT_SIGACTION = 13
 NR_GETPID = 39
+NR_KILL = 62
 
 SIGINFO_SIZE = 128
 SIGSET_SIZE = 8
@@ -375,6 +376,7 @@ _STOP_ITSELF = bytes.fromhex("48c7c027000000" "0f05" "4889c7"              # mov
                              "48c7c0ba000000" "0f05" "4889c6"              # mov rax, 186; syscall; mov rsi, rax
                              "48c7c213000000" "48c7c0ea000000" "0f05"      # mov rdx, 19; mov rax, 234; syscall
                              "ebfe")                                       # jmp .
+_TRAP_FLAG = 0x100  # eflags.TF
 _CALL_CODE_SIZE = len(_LOAD_RAX) + 8 + 6 * (2 + 8) + len(_SYSCALL_INSN) + len(_STORE_RAX) + 8
 
 
@@ -885,6 +887,7 @@ class SyscallSession:
         self._fix_restart = False
         self._scratch = None
         self._scratch_size = 0
+        self._runs_code = False
         self._ran = False
 
     def __enter__(self):
@@ -992,9 +995,14 @@ class SyscallSession:
         """Address of a private anonymous mapping in the tracee (made on first use and unmapped
         when the session closes), for syscalls that take or return buffers and for batches."""
         if self._scratch is None:
-            prot = 0x1 | 0x2 | 0x4      # PROT_READ | PROT_WRITE | PROT_EXEC: batches run there
             flags = 0x02 | 0x20         # MAP_PRIVATE | MAP_ANONYMOUS
-            result = self.syscall(NR_MMAP, 0, size, prot, flags, -1, 0)
+            # PROT_READ | PROT_WRITE | PROT_EXEC: batches run there. A process under
+            # PR_SET_MDWE (or a policy against writable code) is refused that: its batches run
+            # one call at a time then.
+            result = self.syscall(NR_MMAP, 0, size, 0x1 | 0x2 | 0x4, flags, -1, 0)
+            self._runs_code = not (-4096 < result < 0)
+            if not self._runs_code:
+                result = self.syscall(NR_MMAP, 0, size, 0x1 | 0x2, flags, -1, 0)
             if -4096 < result < 0:
                 raise TraceError(-result, f"remote mmap of a scratch page in pid {self.tracee.pid} failed: "
                                           f"{_errno_text(result)}")
@@ -1008,11 +1016,13 @@ class SyscallSession:
         scratch area loads each call's registers, runs it and stores its result, then the thread
         sends itself a SIGSTOP, caught here at its delivery and never delivered. One stop for the
         whole batch, where a call injected alone costs two, each a wake-up of the tracee (tens of
-        microseconds in a VM). Not an int3: the kernel resets the handler of a SIGTRAP it forces
-        while that signal is blocked. A stop signal discards a pending SIGCONT, so with one
-        pending the calls run one at a time instead. A SIGSTOP someone else sends in the very
-        microseconds the batch's own is sent merges with it (legacy signals queue once). As many
-        calls go at once as the scratch area holds."""
+        microseconds in a VM). Not an int3, nor the trap flag: the kernel resets the handler of a
+        SIGTRAP it forces while that signal is blocked. A stop signal discards a pending SIGCONT:
+        with one pending the calls run one at a time instead, and one that comes during the
+        batch is sent again after it (the process then sees it sent by itself). A SIGSTOP someone
+        else sends in the very microseconds the batch's own is sent merges with it (legacy
+        signals queue once). As many calls go at once as the scratch area holds; where the
+        scratch area cannot be executable, they run one at a time."""
         self.scratch()
         group, size = [], len(_STOP_ITSELF) + 8
         for call in calls:
@@ -1046,8 +1056,7 @@ class SyscallSession:
         image = bytearray(address - results)
         for buffer, at in data:
             image[at - results:at - results + len(buffer.data)] = buffer.data
-        if any(int.from_bytes(info[:4], "little") == signal.SIGCONT
-               for shared in (False, True) for info in t.pending_signals(shared)):
+        if not self._runs_code or self._pending(signal.SIGCONT):
             t.write_memory(results, image)
             for i, (call, values) in enumerate(zip(calls, arguments)):
                 t.write_memory(results + 8 * i, struct.pack("<q", self.syscall(call.nr, *values)))
@@ -1060,31 +1069,46 @@ class SyscallSession:
                 code += _SYSCALL_INSN + _STORE_RAX + struct.pack("<Q", results + 8 * i)
             code += _STOP_ITSELF
             t.write_memory(self._scratch, bytes(code) + bytes(results - self._scratch - len(code)) + image)
-            self._run_code(self._scratch, self._scratch + len(code) - 2)
+            if self._run_code(self._scratch, self._scratch + len(code) - 2):
+                # A SIGCONT came meanwhile: its ptrace trap showed it. If it came before the
+                # batch's SIGSTOP, that stop discarded it: it is sent again (still blocked, it
+                # waits for the session's end; a second one pending merges with the first).
+                self.syscall(NR_KILL, self.syscall(NR_GETPID), signal.SIGCONT)
         answers = t.read_memory(results, address - results)
         for i, call in enumerate(calls):
             call.result = struct.unpack_from("<q", answers, 8 * i)[0]
         for buffer, at in data:
             buffer.data = answers[at - results:at - results + len(buffer.data)]
 
+    def _pending(self, signo):
+        """Whether signo is pending for the thread or the process. /proc, not PTRACE_PEEKSIGINFO:
+        past the queue's limit a signal is pending without a record to peek."""
+        with open(f"/proc/{self.tracee.pid}/status") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return any(int(fields[name], 16) & 1 << (signo - 1) for name in ("SigPnd", "ShdPnd"))
+
     def _run_code(self, start, end):
-        """Run the tracee from `start` until it stops itself with rip at `end`."""
+        """Run the tracee from `start` until it stops itself with rip at `end`. Returns whether
+        a SIGCONT came meanwhile (to a seized thread it shows as a ptrace trap)."""
         t = self.tracee
         regs = self._saved_regs.copy()
         regs.rip = start
         regs.orig_rax = -1  # as for a single injected syscall: no restart logic on these registers
+        regs.eflags &= ~_TRAP_FLAG  # a program that single-steps itself: not through our code
         t.set_registers(regs)
         self._ran = True
+        continued = False
         t.cont(0)
         while True:
             stop = t.wait()
             if stop.kind in ("exited", "killed"):
                 raise TraceeExited(t.pid, stop, "a batch of remote syscalls")
             at_end = t.get_registers().rip == end
+            continued |= stop.kind == "event" and not stop.group_stop
             if stop.kind == "signal" and stop.signo == signal.SIGSTOP and at_end:
-                return
+                return continued
             if stop.kind == "event" and at_end:
-                return  # a group-stop it entered at the end (job control's SIGSTOP, passed on)
+                return continued  # a trap or group-stop at the end (job control's SIGSTOP, passed on)
             if stop.kind == "event" or (stop.kind == "signal" and stop.signo == signal.SIGSTOP):
                 t.cont(stop.signo if stop.kind == "signal" else 0)  # job control takes its course
                 continue
