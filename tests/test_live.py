@@ -12,7 +12,7 @@ import subprocess
 import pytest
 
 from conftest import assert_maps_equal, c_workload, migrate, read_maps, umig_cmd, umig_env, write_input_text
-from umig import precopy
+from umig import dump, precopy
 from umig.state import memory
 from test_migrate import c_make, migrate_and_compare  # noqa: F401  (fixture)
 
@@ -110,3 +110,50 @@ def test_final_pages_drop_what_a_kept_mapping_lost():
                                             [m], lost, sent_before)
         assert discard == [[0x101000, 0x3000]], (lost, discard)
         assert send == (present_now if lost else []), (lost, send)
+
+
+def test_a_dropped_copy_of_a_file_page_is_sent_again(tmp_path, registry):
+    """A copied page of a private file mapping that the process drops while the tracker watches
+    comes back as the file's page, leaving a write-protect marker that PAGEMAP_SCAN reports as
+    swapped, never written: the tracker reports it, so the target's stale copy is replaced."""
+    data = tmp_path / "data.bin"
+    data.write_bytes(bytes(range(256)) * 16 * 16)
+    source = tmp_path / "dropper.c"
+    source.write_text(r"""
+#include <fcntl.h>
+#include <stdio.h>
+#include <sys/mman.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    char *p = mmap(0, 16 * 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE, open(argv[1], O_RDONLY), 0);
+    for (int i = 0; i < 4; i++) p[i * 4096] = 'x';
+    printf("%p\n", p); fflush(stdout);
+    char b;
+    read(0, &b, 1);
+    madvise(p + 4096, 4096, MADV_DONTNEED);
+    printf("dropped\n"); fflush(stdout);
+    read(0, &b, 1);
+    return 0;
+}
+""")
+    subprocess.run(["gcc", "-O2", "-o", tmp_path / "dropper", source], check=True)
+    child = subprocess.Popen([tmp_path / "dropper", data], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    registry.remember(child.pid)
+    frozen = None
+    try:
+        base = int(child.stdout.readline(), 16)
+        frozen = dump.freeze(child.pid)
+        section, _ = memory.dump(child.pid)
+        frozen.tracker = precopy.WriteTracker(frozen, section)
+        frozen.tracker.start()
+        frozen.run()
+        child.stdin.write("d")
+        child.stdin.flush()
+        assert child.stdout.readline() == "dropped\n"
+        frozen.stop()
+        assert memory.intersect(frozen.tracker.written(), [[base, 4 * 4096]]) == [[base + 4096, 4096]]
+    finally:
+        if frozen is not None:
+            frozen.thaw()
+        child.kill()
+        child.wait()
