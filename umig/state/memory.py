@@ -267,10 +267,16 @@ def _runs_to_carry(pid, pagemap_fd, mapping, usage=None):
 
 
 def present_runs(pid, mappings):
-    """The runs of these mappings' pages that would travel now."""
+    """The runs of these mappings' pages that would travel now, in a process that may be
+    running: a shared mapping it has unmapped meanwhile has none (the final state sends what
+    it has then)."""
     pagemap_fd = os.open(procfs.proc_path(pid, "pagemap"), os.O_RDONLY)
+    runs = []
     try:
-        return [run for m in mappings for run in _runs_to_carry(pid, pagemap_fd, m)]
+        for m in mappings:
+            with contextlib.suppress(FileNotFoundError):
+                runs.extend(_runs_to_carry(pid, pagemap_fd, m))
+        return runs
     finally:
         os.close(pagemap_fd)
 
