@@ -186,10 +186,10 @@ def test_foreign_format_refused(image, tmp_path):
     assert_refused(other, "an image of another format")
 
 
-@pytest.mark.parametrize("mode, states", [(None, 1), ("lazy", 2)])
+@pytest.mark.parametrize("mode, states", [(None, 1), ("lazy", 2), ("live", 2)])
 def test_sync_record_out_of_place_refused(mode, states):
-    """Syncs belong to a live stream and to a lazy one before its final state; anywhere else (a
-    stop-and-copy image, a lazy stream after its final state) the record is out of order."""
+    """Syncs belong to live and lazy streams before their final state; anywhere else (a
+    stop-and-copy image, after the final state) the record is out of order."""
     def reader(mode, states):
         records = [umig_image.header(1)] + [umig_image.Record("state", {"pid": 1, "mode": mode})] * states + \
             [umig_image.Record("sync", {})]

@@ -107,12 +107,11 @@ class ImageReader:
         kind, seq, meta, payload_length, payload_digest = decode_head(self._next_frame())
         if seq != self._seq:
             raise DamagedImage(f"damaged image: record {seq} arrived where record {self._seq} belongs")
-        # A live migration's stream has a second, final state after the pages copied while it ran
-        # (and syncs between them); a lazy one has its final state right after the first, says where the process resumes,
-        # and the rest of its pages follow.
+        # Live and lazy streams have a second, final state after pages sent while the process
+        # ran (and syncs among them); then a live one ends with its last pages, a lazy one says
+        # where the process resumes, and the rest of its pages follow.
         expected = ("header",) if seq == 0 else ("state",) if seq == 1 else \
-            ("pages", "sync", "state", "end") if self._mode == "live" else \
-            ("pages", "sync", "state") if self._mode == "lazy" and not self._final else \
+            ("pages", "sync", "state") if self._mode in ("live", "lazy") and not self._final else \
             ("pages", "resume") if self._mode == "lazy" else ("pages", "end")
         if kind not in expected:
             raise DamagedImage(f"damaged image: a {kind} record where {' or '.join(expected)} belongs")
