@@ -121,14 +121,18 @@ class WriteTracker:
                     break
                 runs.extend([region.start, region.end - region.start] for region in vec[:n])
                 start = arg.walk_end
-            if m["kind"] == "file" and memory.same_mapping(m) not in self.lost:
-                # A copied page the process drops from a private file mapping leaves a
-                # write-protect marker, which PAGEMAP_SCAN reports as swapped and not written:
-                # the copy the target holds is stale there (the file's page is back). Swapped
-                # pages of file mappings go again, read as they are now.
-                runs.extend([start, end - start] for start, end, _ in memory._scan(
-                    self._pagemap, m["start"], m["end"], memory.PAGE_IS_SWAPPED, memory.PAGE_IS_SWAPPED))
-        return memory.union(runs, [])
+        # A copied page the process drops from a private file mapping leaves a write-protect
+        # marker, which PAGEMAP_SCAN reports as swapped and not written: the copy the target holds
+        # is stale there (the file's page is back). Swapped pages of file mappings go again, read
+        # as they are now; one scan from the first to the last (one a mapping cost a millisecond
+        # in a process with many libraries).
+        files = [[m["start"], m["end"] - m["start"]] for m in self.tracked
+                 if m["kind"] == "file" and memory.same_mapping(m) not in self.lost]
+        if files:
+            swapped = [[start, end - start] for start, end, _ in memory._scan(
+                self._pagemap, files[0][0], files[-1][0] + files[-1][1], memory.PAGE_IS_SWAPPED, memory.PAGE_IS_SWAPPED)]
+            runs = memory.union(runs, memory.intersect(swapped, files))
+        return runs
 
     def sent(self, runs, buffer):
         """Nothing to note: the kernel keeps the record."""
