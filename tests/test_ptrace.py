@@ -169,6 +169,24 @@ int main(void) {
     for (;;) pause();
 }
 """,
+    # Single-steps itself (eflags.TF), counting its traps, and says now and then that it lives.
+    "stepper": r"""
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+static volatile unsigned long traps;
+static void on_trap(int s) { (void)s; traps++; }
+int main(void) {
+    signal(SIGTRAP, on_trap);
+    printf("ready\n"); fflush(stdout);
+    for (unsigned long round = 0; ; round++) {
+        __asm__ volatile("pushf; orq $0x100, (%%rsp); popf" ::: "memory", "cc");
+        for (volatile int i = 0; i < 2000; i++) ;
+        __asm__ volatile("pushf; andq $~0x100, (%%rsp); popf" ::: "memory", "cc");
+        printf("alive %lu\n", traps); fflush(stdout);
+    }
+}
+""",
     # Waits in sigsuspend with nothing blocked while SIGUSR1 is blocked outside it.
     "suspender": r"""
 #include <errno.h>
@@ -649,6 +667,25 @@ def test_sigcont_during_a_batch_is_kept(spawn, bins):
             assert calls[0].result == 0
             pending = int(status_field(proc.pid, "SigPnd"), 16) | int(status_field(proc.pid, "ShdPnd"), 16)
             assert pending & bit(signal.SIGCONT), "the SIGCONT that came during the batch is gone"
+
+
+def test_batch_in_a_process_that_single_steps_itself(spawn, bins):
+    """Frozen with the trap flag set, a batch must not trap (a SIGTRAP the kernel forces while
+    it is blocked resets the program's handler, and the program would die of the next)."""
+    proc = spawn([bins["stepper"]])
+    assert proc.line() == "ready"
+    for _ in range(200):
+        with tracee(spawn, proc.pid).freeze() as t:
+            if t.get_registers().eflags & 0x100:
+                with t.syscall_session() as s:
+                    calls = [Call("getpid", NR_GETPID)]
+                    s.run_batch(calls)
+                    assert calls[0].result == proc.pid
+                break
+    else:
+        pytest.fail("never frozen with the trap flag set")
+    for _ in range(3):  # its handler still counts the traps of the rounds that follow
+        assert proc.line().startswith("alive ")
 
 
 def test_batch_where_code_cannot_be_written(spawn, bins):
