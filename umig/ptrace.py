@@ -1108,6 +1108,11 @@ class SyscallSession:
             if stop.kind == "signal" and stop.signo == signal.SIGSTOP and at_end:
                 return continued
             if stop.kind == "event" and at_end:
+                if self._pending(signal.SIGSTOP):
+                    # A SIGCONT's trap came before the batch's own SIGSTOP was delivered: take
+                    # that stop here, or the next injected call would pass it on as job control's.
+                    t.cont(0)
+                    continue
                 return continued  # a trap or group-stop at the end (job control's SIGSTOP, passed on)
             if stop.kind == "event" or (stop.kind == "signal" and stop.signo == signal.SIGSTOP):
                 t.cont(stop.signo if stop.kind == "signal" else 0)  # job control takes its course
