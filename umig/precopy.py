@@ -10,12 +10,12 @@ in one atomic step, from outside and without faults reaching anyone.
 Rounds (each one reads and sends, while the process runs, what the previous one found written) stop
 when the next round's pages would be sent within FINAL_COPY_BUDGET at the rate just measured, when
 a round no longer shrinks the set (the process writes as fast as we copy), or after MAX_ROUNDS.
-Then, once the target has placed all it was sent, the process is frozen, the last written pages are taken, and the final state goes out with
-those pages and the layout changes since the first state. The userfaultfd stays in the process
+Then, once the target has placed all it was sent, the process is frozen, the last written pages
+are taken, and the final state goes out with those pages and the layout changes since the first
+state. The userfaultfd stays in the process
 through that freeze (closing it write-unprotects every page): a released source dies with it, a
 thawed one has it closed first.
 """
-import ctypes
 import os
 import struct
 import time
@@ -100,27 +100,19 @@ class WriteTracker:
     def written(self):
         """Runs of pages written since the last call, write-protected again as they are reported."""
         runs = []
-        vec = (memory._PageRegion * 1024)()
         for m in self.tracked:
             if memory.same_mapping(m) in self.lost:
                 continue
-            start = m["start"]
-            while start < m["end"]:
-                arg = memory._ScanArg(size=ctypes.sizeof(memory._ScanArg), flags=PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
-                                      start=start, end=m["end"], vec=ctypes.addressof(vec), vec_len=len(vec),
-                                      # Only pages that exist: protecting holes would fill the
-                                      # page tables of a sparse mapping with markers.
-                                      category_mask=PAGE_IS_WRITTEN,
-                                      category_anyof_mask=memory.PAGE_IS_PRESENT | memory.PAGE_IS_SWAPPED,
-                                      return_mask=PAGE_IS_WRITTEN)
-                n = memory._libc.ioctl(self._pagemap, ctypes.c_ulong(memory._PAGEMAP_SCAN), ctypes.byref(arg))
-                if n < 0:
-                    # Unmapped or replaced since it was registered: no longer tracked, so all of
-                    # whatever is there now travels in the frozen copy.
-                    self.lost.add(memory.same_mapping(m))
-                    break
-                runs.extend([region.start, region.end - region.start] for region in vec[:n])
-                start = arg.walk_end
+            try:
+                # Only pages that exist: protecting holes would fill the page tables of a sparse
+                # mapping with markers.
+                runs.extend([start, end - start] for start, end, _ in memory.scan(
+                    self._pagemap, m["start"], m["end"], memory.PAGE_IS_PRESENT | memory.PAGE_IS_SWAPPED,
+                    PAGE_IS_WRITTEN, required=PAGE_IS_WRITTEN, flags=PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC))
+            except UmigError:
+                # Unmapped or replaced since it was registered: no longer tracked, so all of
+                # whatever is there now travels in the frozen copy.
+                self.lost.add(memory.same_mapping(m))
         # A copied page the process drops from a private file mapping leaves a write-protect
         # marker, which PAGEMAP_SCAN reports as swapped and not written: the copy the target holds
         # is stale there (the file's page is back). Swapped pages of file mappings go again, read
@@ -129,7 +121,7 @@ class WriteTracker:
         files = [[m["start"], m["end"] - m["start"]] for m in self.tracked
                  if m["kind"] == "file" and memory.same_mapping(m) not in self.lost]
         if files:
-            swapped = [[start, end - start] for start, end, _ in memory._scan(
+            swapped = [[start, end - start] for start, end, _ in memory.scan(
                 self._pagemap, files[0][0], files[-1][0] + files[-1][1], memory.PAGE_IS_SWAPPED, memory.PAGE_IS_SWAPPED)]
             runs = memory.union(runs, memory.intersect(swapped, files))
         return runs

@@ -198,15 +198,16 @@ def check_identity(path, identity, what):
 
 # --- dump --------------------------------------------------------------------------------------------
 
-def _scan(pagemap_fd, start, end, anyof, returned):
-    """(start, end, categories) regions of [start, end) whose pages match any of `anyof`."""
+def scan(pagemap_fd, start, end, anyof, returned, required=0, flags=0):
+    """(start, end, categories) regions of [start, end) whose pages have every category of
+    `required` and any of `anyof`; `flags` (PM_SCAN_*) act on the pages it reports."""
     vec = (_PageRegion * 512)()
     # The regions as plain integers in one call: a ctypes object for each of thousands of
     # scattered pages cost more than the kernel's walk.
     words = memoryview(vec).cast("B").cast("Q")
     while start < end:
-        arg = _ScanArg(size=ctypes.sizeof(_ScanArg), start=start, end=end, vec=ctypes.addressof(vec),
-                       vec_len=len(vec), category_anyof_mask=anyof, return_mask=returned)
+        arg = _ScanArg(size=ctypes.sizeof(_ScanArg), flags=flags, start=start, end=end, vec=ctypes.addressof(vec),
+                       vec_len=len(vec), category_mask=required, category_anyof_mask=anyof, return_mask=returned)
         n = _libc.ioctl(pagemap_fd, ctypes.c_ulong(_PAGEMAP_SCAN), ctypes.byref(arg))
         if n < 0:
             err = ctypes.get_errno()
@@ -252,7 +253,7 @@ def _runs_to_carry(pid, pagemap_fd, mapping, usage=None):
         # travels, without a page-table walk of PAGEMAP_SCAN (milliseconds per GiB).
         return [[mapping["start"], size]]
     runs = []
-    for start, end, categories in _scan(pagemap_fd, mapping["start"], mapping["end"],
+    for start, end, categories in scan(pagemap_fd, mapping["start"], mapping["end"],
                                         PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
                                         PAGE_IS_PRESENT | PAGE_IS_SWAPPED | PAGE_IS_FILE | PAGE_IS_PFNZERO):
         if categories & PAGE_IS_PFNZERO:
