@@ -113,10 +113,8 @@ def _postcopy_start(frozen, state, writer, connection, phases, notice):
     the pages userfaultfd cannot bring later, and those the process wrote meanwhile: its working
     set, which it would fault on one by one right after the resume. Returns the runs that follow
     once the process runs on the target, and the figures of the first freeze."""
-    mappings = state["memory"]["mappings"]
-    heaps = sum(m["pages"] for m in mappings if m["kind"] in postcopy.LAZY_KINDS) * PAGE_SIZE
     try:
-        frozen.tracker = precopy.WriteTracker(frozen, state["memory"], postcopy.tracked_kinds(heaps))
+        frozen.tracker = precopy.WriteTracker(frozen, state["memory"], postcopy.tracked_kinds(state["memory"]))
     except UmigError as e:
         notice(f"{e}; the working set goes with the other pages")
     phases.mark("tracker armed")
@@ -128,7 +126,7 @@ def _postcopy_start(frozen, state, writer, connection, phases, notice):
     if frozen.tracker:
         # What must arrive before the resume goes while the process still runs (the tracker is on
         # by now: what it writes from here is sent again), and the target places it meanwhile.
-        ahead = postcopy.split(state, memory.present_runs(frozen.pid, mappings))[0]
+        ahead = postcopy.split(state, memory.present_runs(frozen.pid, state["memory"]["mappings"]))[0]
         dump.write_pages(writer, frozen.pid, ahead, tolerant=True)
         _settle(writer, connection, phases, "eager pages ahead, until the target placed them")
     frozen.stop()

@@ -75,13 +75,15 @@ def split(state, runs, working_set=()):
 
 # --- source ------------------------------------------------------------------------------------------
 
-def tracked_kinds(heaps):
-    """The mappings the write tracker watches in a lazy migration, with `heaps` bytes of lazy
-    pages: every kind whose pages go before the resume (so that they can go while the process
-    still runs, then only what it writes since), and the lazy kinds to learn the working set,
-    where that is cheap."""
+def tracked_kinds(section):
+    """The mappings the write tracker watches in a lazy migration of this memory section: every
+    kind whose pages go before the resume (so that they can go while the process still runs,
+    then only what it writes since), and the lazy kinds to learn the working set, where that is
+    cheap."""
     eager = tuple(kind for kind in precopy.TRACKED_KINDS if kind not in LAZY_KINDS)
+    heaps = sum(m["pages"] for m in section["mappings"] if m["kind"] in LAZY_KINDS) * PAGE_SIZE
     return eager + LAZY_KINDS if heaps <= WORKING_SET_WATCH_LIMIT else eager
+
 
 def serve(pid, writer, connection, lazy_runs):
     """Stream the lazy pages while answering the target's faults first; returns when the target

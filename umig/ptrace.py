@@ -34,6 +34,7 @@ from typing import NamedTuple
 from ptrace.binding.linux_struct import user_regs_struct
 from ptrace.syscall.linux.x86_64 import SYSCALL_NAMES
 
+from umig import procfs
 from umig.errors import UmigError
 
 # Requests (linux/ptrace.h); the classic ones are stable across architectures.
@@ -1083,9 +1084,8 @@ class SyscallSession:
     def _pending(self, signo):
         """Whether signo is pending for the thread or the process. /proc, not PTRACE_PEEKSIGINFO:
         past the queue's limit a signal is pending without a record to peek."""
-        with open(f"/proc/{self.tracee.pid}/status") as f:
-            fields = dict(line.split(":", 1) for line in f)
-        return any(int(fields[name], 16) & 1 << (signo - 1) for name in ("SigPnd", "ShdPnd"))
+        status = procfs.status(self.tracee.pid)
+        return any(int(status[name], 16) & 1 << (signo - 1) for name in ("SigPnd", "ShdPnd"))
 
     def _run_code(self, start, end):
         """Run the tracee from `start` until it stops itself with rip at `end`. Returns whether

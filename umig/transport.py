@@ -8,7 +8,7 @@ messages carry one msgpack frame after it, image records carry their own frames 
                                 <-    welcome {name} | failed {reason}
   record header, record state   ->
                                 <-    accepted (live, lazy: once the mappings are laid out) | failed {reason}
-  (live: record sync       ->)
+  (live, lazy: record sync ->)
                                 <-    synced (every page sent before it is in place)
   (live, lazy: record state, the final one, when the process is frozen again)
   record pages ..., record end  ->    (failed {reason} may come at any time)
