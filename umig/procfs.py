@@ -40,8 +40,8 @@ class MapsEntry(NamedTuple):
 
 _MAPS_LINE = re.compile(r"([0-9a-f]+)-([0-9a-f]+) (\S{4}) ([0-9a-f]+) (\S+) (\d+)\s*(.*)")
 
-# A mapping's header (its lowercase hex start), and the fields of it umig reads.
-_SMAPS_FIELDS = re.compile(r"^(?:([0-9a-f]+)-.*|(Rss|Swap|VmFlags):(.*))$", re.M)
+# A mapping's header (its lowercase hex start), and its VmFlags line.
+_SMAPS_FIELDS = re.compile(r"^(?:([0-9a-f]+)-.*|VmFlags:(.*))$", re.M)
 
 
 def proc_path(pid, *parts):
@@ -78,18 +78,15 @@ def maps(pid):
 
 
 def smaps(pid):
-    """Per mapping, by start address (/proc/PID/smaps): `vmflags`, its VmFlags mnemonics, and
-    `rss` and `swap`, its resident and swapped-out bytes."""
+    """Each mapping's VmFlags mnemonics (/proc/PID/smaps), by its start address."""
     mappings, current = {}, None
     # One pass of a regular expression over the whole text: a loop over its lines in Python
     # cost a millisecond of every freeze for a process of some fifty mappings.
-    for start, field, value in _SMAPS_FIELDS.findall(read_text(pid, "smaps")):
+    for start, vmflags in _SMAPS_FIELDS.findall(read_text(pid, "smaps")):
         if start:
-            current = mappings[int(start, 16)] = {"vmflags": [], "rss": 0, "swap": 0}
-        elif field == "VmFlags":
-            current["vmflags"] = value.split()
+            current = mappings[int(start, 16)] = {"vmflags": []}
         else:
-            current[field.lower()] = int(value.split()[0]) * 1024  # kB
+            current["vmflags"] = vmflags.split()
     return mappings
 
 
