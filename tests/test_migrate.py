@@ -87,8 +87,8 @@ def c_make(workloads, registry, tmp_path):
 # --------------------------------------------------------------------------- the workloads
 
 def test_memory(agent, registry, c_make):
-    """Heap, private/shared anonymous, sparse, copy-on-write file and read-only file mappings:
-    every byte, protections, brk, argv and MAP_SHARED/MAP_PRIVATE semantics after the move.
+    """Heap, private/shared anonymous, sparse, copy-on-write file and read-only file mappings,
+    pages the process can no longer read (PROT_NONE): every byte, protections, brk, argv and MAP_SHARED/MAP_PRIVATE semantics after the move.
     `umig check` first says the process can move."""
     def check(wl):
         r = run_umig("check", wl.pid)
@@ -96,6 +96,7 @@ def test_memory(agent, registry, c_make):
     wl, _, info = migrate_and_compare(agent, registry, c_make("memory"), before_migrate=check)
     out = wl.stdout()
     assert "heap: 0 bad bytes" in out and "write ro file mapping: fault" in out
+    assert "hidden: 0 bad bytes, 0 bad zero bytes" in out
     assert info["pages"] > 16 * 256 // 2, f"too few pages travelled for a 16 MiB anonymous region: {info}"
 
 

@@ -206,6 +206,14 @@ int main(int argc, char **argv)
 	uint8_t *none = mmap(NULL, 16 * PAGE, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 	if (none == MAP_FAILED)
 		die("mmap none");
+	/* pages written, then hidden: nothing may read them but /proc/PID/mem */
+	uint8_t *hidden = mmap(NULL, 4 * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (hidden == MAP_FAILED)
+		die("mmap hidden");
+	fill(hidden, 2 * PAGE, 3200);
+	fill(hidden + 3 * PAGE, PAGE, 3201);
+	if (mprotect(hidden, 4 * PAGE, PROT_NONE))
+		die("mprotect hidden");
 
 	/* a big sparse reservation with three pages written */
 	size_t sparse_len = 256UL << 20;
@@ -268,6 +276,10 @@ int main(int argc, char **argv)
 	      verify(sparse + sparse_len - PAGE, PAGE, 3102);
 	zbad = count_nonzero(sparse + PAGE, 64 * PAGE) + count_nonzero(sparse + sparse_len / 2 + PAGE, 64 * PAGE);
 	printf("sparse: %zu bad bytes, %zu bad zero bytes\n", bad, zbad);
+	if (mprotect(hidden, 4 * PAGE, PROT_READ))
+		die("mprotect hidden back");
+	bad = verify(hidden, 2 * PAGE, 3200) + verify(hidden + 3 * PAGE, PAGE, 3201);
+	printf("hidden: %zu bad bytes, %zu bad zero bytes\n", bad, count_nonzero(hidden + 2 * PAGE, PAGE));
 	printf("shared: %zu bad bytes\n", verify(shared, shared_len, 3000));
 	bad = 0;
 	for (size_t pg = 0; pg < cow_len / PAGE; pg++)
