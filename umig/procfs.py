@@ -79,10 +79,15 @@ def maps(pid):
 
 def smaps(pid):
     """Each mapping's VmFlags mnemonics (/proc/PID/smaps), by its start address."""
+    return parse_smaps(read_text(pid, "smaps"))
+
+
+def parse_smaps(text):
+    """smaps() of a text read before."""
     mappings, current = {}, None
     # One pass of a regular expression over the whole text: a loop over its lines in Python
     # cost a millisecond of every freeze for a process of some fifty mappings.
-    for start, vmflags in _SMAPS_FIELDS.findall(read_text(pid, "smaps")):
+    for start, vmflags in _SMAPS_FIELDS.findall(text):
         if start:
             current = mappings[int(start, 16)] = {"vmflags": []}
         else:

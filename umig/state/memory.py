@@ -105,17 +105,18 @@ def classify(pid, entry, vmflags):
     return "shared_file" if entry.shared else "file"
 
 
-def _any_locked(pid):
-    """Whether some mapping may be locked in memory (mlock), known without smaps, which walks the
-    page tables of every mapping (milliseconds for a large sparse one). VmLck counts the whole
-    size of the locked mappings, whether their pages are present or not (MLOCK_ONFAULT,
-    MCL_FUTURE too): when it is 0 kB, none is. Without the field (no mm), smaps decides."""
-    return procfs.status(pid).get("VmLck") != "0 kB"
+def _any_locked(status):
+    """Whether some mapping may be locked in memory (mlock), known from /proc/PID/status without
+    smaps, which walks the page tables of every mapping (milliseconds for a large sparse one).
+    VmLck counts the whole size of the locked mappings, whether their pages are present or not
+    (MLOCK_ONFAULT, MCL_FUTURE too): when it is 0 kB, none is. Without the field (no mm), smaps
+    decides."""
+    return status.get("VmLck") != "0 kB"
 
 
 def check(pid):
     blockers = []
-    smaps = procfs.smaps(pid) if _any_locked(pid) else {}
+    smaps = procfs.smaps(pid) if _any_locked(procfs.status(pid)) else {}
     for entry in procfs.maps(pid):
         try:
             classify(pid, entry, smaps[entry.start]["vmflags"] if entry.start in smaps else [])
@@ -280,38 +281,62 @@ def present_runs(pid, mappings):
         os.close(pagemap_fd)
 
 
+# smaps, the only source of the VmFlags, walks every page table, and so does the scan for the pages
+# to carry. With this many page tables (VmPTE; 256 of them map at least half a GiB) smaps is read
+# on a second thread while the scan runs (both only read the page tables): the shorter walk hides
+# behind the longer one (64 GiB sparse mapping with 2,560 pages in 10 MiB of page tables: 6.3 ->
+# 4.2 ms; a resident GiB: smaps 7-12 ms, the scan 4-5). With fewer, starting the thread and
+# sharing the interpreter lock cost more than the walks (a CPython process of 30 MiB, 100 kB of
+# page tables: 2.2 ms against 1.5).
+WALK_ON_A_THREAD_KIB = 1024
+
+
+def _kib(field):
+    """A /proc/PID/status size ("1234 kB") in KiB; 0 without it."""
+    return int(field.split()[0]) if field else 0
+
+
+def _smaps_text(pid, in_background):
+    """A function returning smaps' text: read now, or on a thread started now (the text is
+    parsed after the scan, not on the thread, which would hold the interpreter lock meanwhile)."""
+    if not in_background:
+        text = procfs.read_text(pid, "smaps")
+        return lambda: text
+    reader = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    try:
+        return reader.submit(procfs.read_text, pid, "smaps").result
+    finally:
+        reader.shutdown(wait=False)  # the thread ends once it has read
+
+
 def dump(pid):
     """The memory section of the image, and the page runs to read (in address order)."""
     mappings, files, runs = [], {}, []
     kinds = {}  # a file's several mappings (text, data, ...) are one file to look at
+    status = procfs.status(pid)
+    smaps = _smaps_text(pid, in_background=_kib(status.get("VmPTE")) >= WALK_ON_A_THREAD_KIB)
+    locked = procfs.parse_smaps(smaps()) if _any_locked(status) else {}
     pagemap_fd = os.open(procfs.proc_path(pid, "pagemap"), os.O_RDONLY)
-    # smaps, the only source of the VmFlags, walks every page table, and so does the scan for the
-    # pages to carry: on two threads (both only read the page tables) the shorter walk hides
-    # behind the longer one (about 3 ms each for a 64 GiB sparse mapping, up to 10 and 5 for a
-    # resident GiB). The classification waits for it only when some mapping is locked.
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as reader:
-        smaps = reader.submit(procfs.smaps, pid)
-        locked = smaps.result() if _any_locked(pid) else {}
-        try:
-            for entry in procfs.maps(pid):
-                flags = locked[entry.start]["vmflags"] if entry.start in locked else []
-                same_file = (entry.path, entry.device, entry.inode, entry.shared, "lo" in flags)
-                if not entry.inode or same_file not in kinds:
-                    kinds[same_file] = classify(pid, entry, flags)
-                kind = kinds[same_file]
-                mapping = {"start": entry.start, "end": entry.end, "prot": _prot(entry.perms),
-                           "shared": entry.shared, "offset": entry.offset, "kind": kind, "path": entry.path}
-                if kind in ("file", "shared_file") and entry.path not in files:
-                    files[entry.path] = file_identity(entry.path, content=kind == "file")
-                if kind == "vdso":
-                    mapping["sha256"] = _vdso_digest(pid, entry)
-                carried = _runs_to_carry(pid, pagemap_fd, mapping)
-                mapping["pages"] = sum(length for _, length in carried) // PAGE_SIZE
-                mappings.append(mapping)
-                runs.extend(carried)
-        finally:
-            os.close(pagemap_fd)
-        vmflags = smaps.result()
+    try:
+        for entry in procfs.maps(pid):
+            flags = locked[entry.start]["vmflags"] if entry.start in locked else []
+            same_file = (entry.path, entry.device, entry.inode, entry.shared, "lo" in flags)
+            if not entry.inode or same_file not in kinds:
+                kinds[same_file] = classify(pid, entry, flags)
+            kind = kinds[same_file]
+            mapping = {"start": entry.start, "end": entry.end, "prot": _prot(entry.perms),
+                       "shared": entry.shared, "offset": entry.offset, "kind": kind, "path": entry.path}
+            if kind in ("file", "shared_file") and entry.path not in files:
+                files[entry.path] = file_identity(entry.path, content=kind == "file")
+            if kind == "vdso":
+                mapping["sha256"] = _vdso_digest(pid, entry)
+            carried = _runs_to_carry(pid, pagemap_fd, mapping)
+            mapping["pages"] = sum(length for _, length in carried) // PAGE_SIZE
+            mappings.append(mapping)
+            runs.extend(carried)
+    finally:
+        os.close(pagemap_fd)
+    vmflags = procfs.parse_smaps(smaps())
     for mapping in mappings:
         # Registrations with a userfaultfd (um, uw, ui) are the live write tracker's: they do not
         # travel, nor tell a mapping from the one built before the tracker was armed.
