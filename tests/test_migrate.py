@@ -87,16 +87,19 @@ def c_make(workloads, registry, tmp_path):
 # --------------------------------------------------------------------------- the workloads
 
 def test_memory(agent, registry, c_make):
-    """Heap, private/shared anonymous, sparse, copy-on-write file and read-only file mappings,
-    pages the process can no longer read (PROT_NONE): every byte, protections, brk, argv and MAP_SHARED/MAP_PRIVATE semantics after the move.
+    """Heap, private/shared anonymous, sparse (wide enough that the dump reads smaps on a second
+    thread), copy-on-write file and read-only file mappings, pages the process can no longer read
+    (PROT_NONE): every byte, protections, brk, argv and MAP_SHARED/MAP_PRIVATE semantics after the move.
     `umig check` first says the process can move."""
     def check(wl):
         r = run_umig("check", wl.pid)
         assert r.returncode == 0, f"umig check {wl.pid} finds blockers in a movable process: {r.stdout}{r.stderr}"
+        page_tables = int(proc_status(wl.pid)["VmPTE"].split()[0])
+        assert page_tables >= memory.WALK_ON_A_THREAD_KIB, f"only {page_tables} kB of page tables"
     wl, _, info = migrate_and_compare(agent, registry, c_make("memory"), before_migrate=check)
     out = wl.stdout()
     assert "heap: 0 bad bytes" in out and "write ro file mapping: fault" in out
-    assert "hidden: 0 bad bytes, 0 bad zero bytes" in out
+    assert "hidden: 0 bad bytes, 0 bad zero bytes" in out and "wide: 0 bad bytes, 0 bad zero bytes" in out
     assert info["pages"] > 16 * 256 // 2, f"too few pages travelled for a 16 MiB anonymous region: {info}"
 
 

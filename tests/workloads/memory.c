@@ -225,6 +225,14 @@ int main(int argc, char **argv)
 	fill(sparse + sparse_len / 2, PAGE, 3101);
 	fill(sparse + sparse_len - PAGE, PAGE, 3102);
 
+	/* one page in each 2 MiB of 2 GiB: a page table for each page, 4 MiB of them (VmPTE) */
+	size_t wide_len = 2UL << 30, wide_step = 2UL << 20;
+	uint8_t *wide = mmap(NULL, wide_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+	if (wide == MAP_FAILED)
+		die("mmap wide");
+	for (size_t off = 0; off < wide_len; off += wide_step)
+		fill(wide + off + (off / wide_step % 512) * PAGE, PAGE, 3300 + off / wide_step);
+
 	/* shared anonymous */
 	size_t shared_len = 2UL << 20;
 	uint8_t *shared = mmap(NULL, shared_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
@@ -276,6 +284,13 @@ int main(int argc, char **argv)
 	      verify(sparse + sparse_len - PAGE, PAGE, 3102);
 	zbad = count_nonzero(sparse + PAGE, 64 * PAGE) + count_nonzero(sparse + sparse_len / 2 + PAGE, 64 * PAGE);
 	printf("sparse: %zu bad bytes, %zu bad zero bytes\n", bad, zbad);
+	bad = zbad = 0;
+	for (size_t off = 0; off < wide_len; off += wide_step) {
+		size_t page = (off / wide_step % 512) * PAGE;
+		bad += verify(wide + off + page, PAGE, 3300 + off / wide_step);
+		zbad += count_nonzero(wide + off + (page + PAGE) % wide_step, PAGE);
+	}
+	printf("wide: %zu bad bytes, %zu bad zero bytes\n", bad, zbad);
 	if (mprotect(hidden, 4 * PAGE, PROT_READ))
 		die("mprotect hidden back");
 	bad = verify(hidden, 2 * PAGE, 3200) + verify(hidden + 3 * PAGE, PAGE, 3201);
