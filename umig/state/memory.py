@@ -393,7 +393,7 @@ def read_batches(pid, runs, batch_bytes=BATCH_BYTES, zero_spans=(), tolerant=Fal
     faults that halve the throughput): a batch must be consumed before `ring` more are asked
     for. `tolerant` skips what cannot be read (a running process may unmap memory between the
     scan and the read)."""
-    mem = os.open(procfs.proc_path(pid, "mem"), os.O_RDONLY)
+    mem = _ProcessMemory(pid)
     size = min(batch_bytes, sum(length for _, length in runs))
     stores = []
 
@@ -404,7 +404,7 @@ def read_batches(pid, runs, batch_bytes=BATCH_BYTES, zero_spans=(), tolerant=Fal
     try:
         for pieces in _pieces(runs, size):
             buffer = next_buffer()
-            batch_runs, filled = _read_pieces(pid, mem, buffer, pieces, tolerant)
+            batch_runs, filled = _read_pieces(mem, buffer, pieces, tolerant)
             # A page whose first word is not zero is not all zeros: that is most pages, and looking
             # at one word a page costs a tenth of searching the batch for a zero page (which
             # stumbles on every run of zero bytes).
@@ -413,7 +413,28 @@ def read_batches(pid, runs, batch_bytes=BATCH_BYTES, zero_spans=(), tolerant=Fal
             if filled:
                 yield batch_runs, buffer[:filled]
     finally:
-        os.close(mem)
+        mem.close()
+
+
+class _ProcessMemory:
+    """/proc/PID/mem, opened when first needed: process_vm_readv reads nearly everything, and
+    an open costs a tenth of answering a fault."""
+
+    def __init__(self, pid):
+        self.pid, self.fd = pid, None
+
+    def read_into(self, view, address):
+        """Whether all of view could be read from address."""
+        if self.fd is None:
+            self.fd = os.open(procfs.proc_path(self.pid, "mem"), os.O_RDONLY)
+        try:
+            return os.preadv(self.fd, [view], address) == len(view)
+        except OSError:
+            return False
+
+    def close(self):
+        if self.fd is not None:
+            os.close(self.fd)
 
 
 def _pieces(runs, size):
@@ -433,7 +454,7 @@ def _pieces(runs, size):
         yield pieces
 
 
-def _read_pieces(pid, mem, buffer, pieces, tolerant):
+def _read_pieces(mem, buffer, pieces, tolerant):
     """Read pieces into `buffer`, end to end: the pieces read and how many bytes they fill.
 
     process_vm_readv, IOV_MAX pieces a call: a call per piece, on /proc/PID/mem, cost more than
@@ -444,7 +465,7 @@ def _read_pieces(pid, mem, buffer, pieces, tolerant):
     with buffer_address(buffer) as base:
         while position < len(pieces):
             chunk = pieces[position:position + IOV_MAX]
-            got = max(_process_vm(_libc.process_vm_readv, pid, chunk, base + filled), 0)
+            got = max(_process_vm(_libc.process_vm_readv, mem.pid, chunk, base + filled), 0)
             for piece in chunk:
                 if got < piece[1]:
                     break
@@ -455,15 +476,11 @@ def _read_pieces(pid, mem, buffer, pieces, tolerant):
             else:
                 continue
             start, length = pieces[position]
-            try:
-                complete = os.preadv(mem, [buffer[filled:filled + length]], start) == length
-            except OSError:
-                complete = False
-            if complete:
+            if mem.read_into(buffer[filled:filled + length], start):
                 read.append(pieces[position])
                 filled += length
             elif not tolerant:
-                raise UmigError(f"reading pid {pid}'s memory at {start:x} failed")
+                raise UmigError(f"reading pid {mem.pid}'s memory at {start:x} failed")
             position += 1
     return read, filled
 
