@@ -453,7 +453,8 @@ def bench_umig(workload, mode, binaries, workdir, run):
             bytes_source="umig --json bytes (page payload)",
             gb_per_s=int(result["bytes"]) / total / 1e9 if total > 0 else None,
             cpu_s=agent_cpu + cli_cpu, agent_cpu_s=agent_cpu, client_cpu_s=cli_cpu,
-            agent_peak_rss=agent_rss, client_peak_rss=cli_rss, phases=result["phases"])
+            agent_peak_rss=agent_rss, client_peak_rss=cli_rss, phases=result["phases"],
+            postcopy_faults=result.get("postcopy_faults"))
         return row
     except DemoError as e:
         return row.fail(f"{e}\n{agent.log_tail(8)}")
@@ -679,7 +680,8 @@ def summarize(rows):
             continue
         row = Row(runs[0], runs=len(runs), gap_in_window=all(r["gap_in_window"] for r in runs))
         for key, value in runs[0].items():
-            if isinstance(value, float) or key in ("bytes", "pages", "agent_peak_rss", "client_peak_rss"):
+            if isinstance(value, float) or key in ("bytes", "pages", "agent_peak_rss", "client_peak_rss",
+                                                   "postcopy_faults"):
                 values = sorted(r[key] for r in runs if r.get(key) is not None)
                 row[key] = values[len(values) // 2] if values else None
         if "phases" in row:
@@ -708,6 +710,8 @@ def print_phases(rows):
             say(f"  {r['label']}, {MODE_LABELS[r['mode']]}:")
             for side in ("source", "target"):
                 say(f"    {side}: " + ", ".join(f"{name} {value:.1f}" for name, value in r["phases"][side]))
+            if r.get("postcopy_faults") is not None:
+                say(f"    the process's page faults while pages were still coming: {r['postcopy_faults']}")
 
 
 def print_table(rows):

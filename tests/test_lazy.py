@@ -11,6 +11,9 @@ import pytest
 
 from conftest import (alive, assert_maps_equal, c_workload, migrate, proc_state, read_maps, umig_cmd, umig_env,
                       wait_until)
+from umig import dump, postcopy
+from umig.procfs import PAGE_SIZE
+from umig.state import memory
 from test_failures import (assert_target_clean, finish_and_compare, migrate_expecting_failure,  # noqa: F401
                            migrate_killing_the_agent, pair)
 from test_live import assert_writer_exact
@@ -29,11 +32,33 @@ def test_lazy_writer_touching_pages_in_random_order(agent, registry, workloads, 
     registry.remember(info["target_pid"])
     # What it wrote while the target prepared went ahead of the resume, not on demand.
     assert info["working_set_pages"] > 0
+    assert isinstance(info["postcopy_faults"], int) and info["postcopy_faults"] >= 0, info
     assert_maps_equal(maps_before, read_maps(info["target_pid"]))
     wl.wait_exit(30)
     wl.fire()
     assert agent.wait_exit(info["target_pid"], 60, since) == ("status", 0)
     assert_writer_exact(workloads, wl.stdout(), SMALL_WRITER_MIB)
+
+
+def test_small_mappings_go_before_the_resume(workloads, tmp_path):
+    """Of a real process's memory, the pages of anonymous mappings no larger than a fault's prefetch
+    go with the eager pages (their first fault would bring them whole); larger ones are lazy."""
+    wl = c_workload(workloads, "memory", tmp_path / "w", "4").start().wait_ready()
+    frozen = dump.freeze(wl.pid)
+    try:
+        state, runs = dump.collect(frozen)
+    finally:
+        frozen.thaw()
+    eager, lazy = postcopy.split(state, runs)
+    anonymous = [m for m in state["memory"]["mappings"] if m["kind"] in postcopy.LAZY_KINDS and m["pages"]]
+    small = [m for m in anonymous if m["end"] - m["start"] <= postcopy.PREFETCH_PAGES * PAGE_SIZE]
+    assert small and len(small) < len(anonymous), anonymous
+    for m in anonymous:
+        span = [[m["start"], m["end"] - m["start"]]]
+        if m in small:
+            assert not memory.intersect(lazy, span) and memory.intersect(eager, span), m
+        else:
+            assert memory.intersect(lazy, span), m
 
 
 @pytest.mark.parametrize("mode", ["lazy", "live"])

@@ -112,7 +112,7 @@ class Agent:
             if restored.pager:
                 self.log(f"pid {pid} running as {restored.pid}; post-copy of {restored.pager.pending.count} pages")
                 ended = restored.complete(session, reader)
-                session.send("complete")
+                session.send("complete", faults=restored.pager.faults)
                 if ended:
                     self.log(f"restored pid {restored.pid} ended during post-copy ({ended})")
         except Exception as e:

@@ -56,7 +56,7 @@ def migrate(pid, target, requested_pid_mode="keep", timeout=60.0, live=False, la
         phases.mark("commit and resume")
         resumed_at = time.monotonic()
         if lazy:
-            postcopy.serve(pid, writer, connection, lazy_runs)
+            extra["postcopy_faults"] = postcopy.serve(pid, writer, connection, lazy_runs)
             phases.mark("post-copy")
         frozen.release()
     except BaseException as e:

@@ -61,9 +61,12 @@ _libc = ctypes.CDLL(None, use_errno=True)
 def split(state, runs, working_set=()):
     """(eager, lazy) page runs: userfaultfd serves missing pages of anonymous private memory only,
     and not those the kernel writes while the restorer still runs (the rseq area, on registration):
-    no one would answer that fault. Pages of the `working_set` runs go eagerly too."""
-    lazy_spans = memory.intersect(memory.spans(state["memory"], LAZY_KINDS),
-                                  memory.complement(working_set, 0, 2 ** 64))
+    no one would answer that fault. Pages of the `working_set` runs go eagerly too, and mappings
+    no larger than a fault's prefetch: the first fault would bring all of them (a CPython process
+    has a few, one of them touched first thing after every resume), and eager pages go ahead
+    while the process still runs."""
+    spans = [span for span in memory.spans(state["memory"], LAZY_KINDS) if span[1] > PREFETCH_PAGES * PAGE_SIZE]
+    lazy_spans = memory.intersect(spans, memory.complement(working_set, 0, 2 ** 64))
     if state["rseq"]:
         first = state["rseq"]["address"] & ~(PAGE_SIZE - 1)
         last = (state["rseq"]["address"] + state["rseq"]["length"] - 1) & ~(PAGE_SIZE - 1)
@@ -86,8 +89,8 @@ def tracked_kinds(section):
 
 
 def serve(pid, writer, connection, lazy_runs):
-    """Stream the lazy pages while answering the target's faults first; returns when the target
-    has every page."""
+    """Stream the lazy pages while answering the target's faults first; returns, when the target
+    has every page, how many page faults of the process it handled meanwhile."""
     background = memory.read_batches(pid, lazy_runs, batch_bytes=BACKGROUND_BATCH, ring=writer.holds + 1)
     streaming = True
     in_flight = 0  # page records sent and not yet placed by the target
@@ -111,7 +114,7 @@ def serve(pid, writer, connection, lazy_runs):
             continue
         kind, meta = message
         if kind == "complete":
-            return
+            return meta.get("faults")
         if kind == "placed":
             in_flight -= 1
             continue
