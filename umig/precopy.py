@@ -173,7 +173,7 @@ class HashTracker:
                 for page in range(start, start + length, procfs.PAGE_SIZE):
                     at = offset + page - start
                     if self.hashes.get(page) != xxhash.xxh3_64_intdigest(view[at:at + procfs.PAGE_SIZE]):
-                        _extend(changed, page)
+                        memory.add_run(changed, page, page + procfs.PAGE_SIZE)
                 offset += length
         return changed
 
@@ -201,14 +201,6 @@ def _neighbourhoods(mappings, tracked):
             series.append([m["start"], m["end"]])
             extend = True
     return series
-
-
-def _extend(runs, page):
-    """Append one page to sorted runs, joining the last run when it touches it."""
-    if runs and runs[-1][0] + runs[-1][1] == page:
-        runs[-1][1] += procfs.PAGE_SIZE
-    else:
-        runs.append([page, procfs.PAGE_SIZE])
 
 
 def _send_runs(write_pages, pid, runs):

@@ -119,7 +119,7 @@ def check(pid):
     smaps = procfs.smaps(pid) if _any_locked(procfs.status(pid)) else {}
     for entry in procfs.maps(pid):
         try:
-            classify(pid, entry, smaps[entry.start]["vmflags"] if entry.start in smaps else [])
+            classify(pid, entry, smaps.get(entry.start, []))
         except Refused as e:
             blockers.append(str(e))
     return blockers
@@ -244,26 +244,66 @@ def _shmem_runs(pid, mapping):
         os.close(fd)
 
 
-def _runs_to_carry(pid, pagemap_fd, mapping):
-    """Page runs of a mapping that must travel, as [start, length] pairs."""
-    kind = mapping["kind"]
-    if kind in ("vdso", "vsyscall", "shared_file"):
-        return []
-    if kind == "shared_anon":
-        return _shmem_runs(pid, mapping)
-    runs = []
-    for start, end, categories in scan(pagemap_fd, mapping["start"], mapping["end"],
-                                        PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
-                                        PAGE_IS_PRESENT | PAGE_IS_SWAPPED | PAGE_IS_FILE | PAGE_IS_PFNZERO):
-        if categories & PAGE_IS_PFNZERO:
-            continue  # the shared zero page: reads as zeros wherever it is mapped again
-        if kind == "file" and categories & PAGE_IS_FILE and not categories & PAGE_IS_SWAPPED:
-            continue  # still the file's own page: mapping the file again brings it back
-        if runs and runs[-1][0] + runs[-1][1] == start:
-            runs[-1][1] += end - start
-        else:
-            runs.append([start, end - start])
-    return runs
+_SCANNED_KINDS = ("anon", "heap", "stack", "file")  # whose pages the page tables tell
+
+
+def _carried_runs(pid, pagemap_fd, mappings, every_mapping):
+    """For each of these mappings (in address order), its page runs that must travel, as
+    [start, length] pairs. One PAGEMAP_SCAN covers a series of scanned mappings (a call for each
+    cost more than the kernel's walk in a process of some sixty): with `every_mapping` (the list
+    is all a frozen process has) a gap between two holds nothing to walk and the series goes on
+    across it; otherwise only touching mappings join."""
+    carried = [[] for _ in mappings]
+    series = []  # indices of the mappings of the series being gathered
+
+    def scan_series():
+        # (start, end, file, runs) of each member, and the current one in local names: Python's
+        # work for each region costs as much as the kernel's walk for a sparse mapping, where
+        # each page is a region.
+        members = [(mappings[i]["start"], mappings[i]["end"], mappings[i]["kind"] == "file", carried[i])
+                   for i in series]
+        j = 0
+        m_start, m_end, file, runs = members[0]
+        for start, end, categories in scan(pagemap_fd, m_start, members[-1][1], PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+                                            PAGE_IS_PRESENT | PAGE_IS_SWAPPED | PAGE_IS_FILE | PAGE_IS_PFNZERO):
+            if categories & PAGE_IS_PFNZERO:
+                continue  # the shared zero page: reads as zeros wherever it is mapped again
+            while start >= m_end and j + 1 < len(members):
+                j += 1
+                m_start, m_end, file, runs = members[j]
+            # Still the file's own page: mapping the file again brings it back.
+            files_own = categories & PAGE_IS_FILE and not categories & PAGE_IS_SWAPPED
+            if end <= m_end:  # nearly always: within the current member
+                if not (file and files_own):
+                    add_run(runs, max(start, m_start), end)
+                continue
+            for a, b, member_file, member_runs in members[j:]:  # cut at the members it spans
+                if a < end and start < b and not (member_file and files_own):
+                    add_run(member_runs, max(start, a), min(end, b))
+        series.clear()
+
+    for i, m in enumerate(mappings):
+        if m["kind"] in _SCANNED_KINDS:
+            if series and not every_mapping and mappings[series[-1]]["end"] != m["start"]:
+                scan_series()
+            series.append(i)
+            continue
+        if series:
+            scan_series()
+        if m["kind"] == "shared_anon":
+            with contextlib.suppress(FileNotFoundError):  # a running process may have unmapped it
+                carried[i] = _shmem_runs(pid, m)
+    if series:
+        scan_series()
+    return carried
+
+
+def add_run(runs, start, end):
+    """Append [start, end) to sorted runs, joining the last run when it touches it."""
+    if runs and runs[-1][0] + runs[-1][1] == start:
+        runs[-1][1] += end - start
+    else:
+        runs.append([start, end - start])
 
 
 def present_runs(pid, mappings):
@@ -271,12 +311,8 @@ def present_runs(pid, mappings):
     running: a shared mapping it has unmapped meanwhile has none (the final state sends what
     it has then)."""
     pagemap_fd = os.open(procfs.proc_path(pid, "pagemap"), os.O_RDONLY)
-    runs = []
     try:
-        for m in mappings:
-            with contextlib.suppress(FileNotFoundError):
-                runs.extend(_runs_to_carry(pid, pagemap_fd, m))
-        return runs
+        return [run for runs in _carried_runs(pid, pagemap_fd, mappings, every_mapping=False) for run in runs]
     finally:
         os.close(pagemap_fd)
 
@@ -316,31 +352,31 @@ def dump(pid):
     status = procfs.status(pid)
     smaps = _smaps_text(pid, in_background=_kib(status.get("VmPTE")) >= WALK_ON_A_THREAD_KIB)
     locked = procfs.parse_smaps(smaps()) if _any_locked(status) else {}
+    for entry in procfs.maps(pid):
+        flags = locked.get(entry.start, [])
+        same_file = (entry.path, entry.device, entry.inode, entry.shared, "lo" in flags)
+        if not entry.inode or same_file not in kinds:
+            kinds[same_file] = classify(pid, entry, flags)
+        kind = kinds[same_file]
+        mapping = {"start": entry.start, "end": entry.end, "prot": _prot(entry.perms),
+                   "shared": entry.shared, "offset": entry.offset, "kind": kind, "path": entry.path}
+        if kind in ("file", "shared_file") and entry.path not in files:
+            files[entry.path] = file_identity(entry.path, content=kind == "file")
+        if kind == "vdso":
+            mapping["sha256"] = _vdso_digest(pid, entry)
+        mappings.append(mapping)
     pagemap_fd = os.open(procfs.proc_path(pid, "pagemap"), os.O_RDONLY)
     try:
-        for entry in procfs.maps(pid):
-            flags = locked[entry.start]["vmflags"] if entry.start in locked else []
-            same_file = (entry.path, entry.device, entry.inode, entry.shared, "lo" in flags)
-            if not entry.inode or same_file not in kinds:
-                kinds[same_file] = classify(pid, entry, flags)
-            kind = kinds[same_file]
-            mapping = {"start": entry.start, "end": entry.end, "prot": _prot(entry.perms),
-                       "shared": entry.shared, "offset": entry.offset, "kind": kind, "path": entry.path}
-            if kind in ("file", "shared_file") and entry.path not in files:
-                files[entry.path] = file_identity(entry.path, content=kind == "file")
-            if kind == "vdso":
-                mapping["sha256"] = _vdso_digest(pid, entry)
-            carried = _runs_to_carry(pid, pagemap_fd, mapping)
-            mapping["pages"] = sum(length for _, length in carried) // PAGE_SIZE
-            mappings.append(mapping)
-            runs.extend(carried)
+        carried = _carried_runs(pid, pagemap_fd, mappings, every_mapping=True)
     finally:
         os.close(pagemap_fd)
     vmflags = procfs.parse_smaps(smaps())
-    for mapping in mappings:
+    for mapping, mapping_runs in zip(mappings, carried):
+        mapping["pages"] = sum(length for _, length in mapping_runs) // PAGE_SIZE
+        runs.extend(mapping_runs)
         # Registrations with a userfaultfd (um, uw, ui) are the live write tracker's: they do not
         # travel, nor tell a mapping from the one built before the tracker was armed.
-        mapping["vmflags"] = [flag for flag in vmflags[mapping["start"]]["vmflags"] if flag not in _USERFAULTFD_FLAGS]
+        mapping["vmflags"] = [flag for flag in vmflags[mapping["start"]] if flag not in _USERFAULTFD_FLAGS]
     return {"mappings": mappings, "files": files}, runs
 
 
