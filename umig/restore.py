@@ -121,6 +121,7 @@ def restore(records, requested_pid_mode="keep", on_accept=None, on_sync=lambda: 
             pages.close()
         phases.mark("pages (arriving)")
         memory.finish(restorer, state["memory"])
+        restorer.flush()  # the restorer sets the protections while the next steps are made
         mm.restore(restorer, state["mm"])
         files.restore(restorer, state["files"])
         task.restore(restorer, state["task"])
