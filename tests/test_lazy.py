@@ -40,10 +40,10 @@ def test_lazy_writer_touching_pages_in_random_order(agent, registry, workloads, 
     assert_writer_exact(workloads, wl.stdout(), SMALL_WRITER_MIB)
 
 
-def test_small_mappings_go_before_the_resume(workloads, tmp_path):
+def test_small_mappings_go_before_the_resume(workloads, registry, tmp_path):
     """Of a real process's memory, the pages of anonymous mappings no larger than a fault's prefetch
     go with the eager pages (their first fault would bring them whole); larger ones are lazy."""
-    wl = c_workload(workloads, "memory", tmp_path / "w", "4").start().wait_ready()
+    wl = c_workload(workloads, "memory", tmp_path / "w", "4", registry=registry).start().wait_ready()
     frozen = dump.freeze(wl.pid)
     try:
         state, runs = dump.collect(frozen)
