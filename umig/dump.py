@@ -55,7 +55,7 @@ class Frozen:
     def __init__(self, pid):
         self.pid = pid
         self.tracee = Tracee(pid)
-        self.session = self.scratch = self.tracker = None
+        self.session = self.tracker = None
 
     def freeze(self):
         try:
@@ -97,18 +97,21 @@ class Frozen:
 
     @contextlib.contextmanager
     def inside(self):
-        """A spell of injected syscalls sharing one save of the registers and the mask, and one
-        scratch area; the syscalls ask()ed for run together at its end. Kept short: should umig
+        """A spell of injected syscalls sharing one save of the registers and the mask; the
+        syscalls ask()ed for run together at its end, from a scratch area. Kept short: should umig
         die meanwhile, the process would resume with umig's registers; outside it, a dead tracer
         leaves the process as it was."""
         with self.tracee.syscall_session() as self.session:
-            self.scratch = self.session.scratch(SCRATCH_SIZE)
             self._asked = []
             yield
-            self.session.run_batch(self._asked)
+            if self._asked:
+                # Made only for a batch: a spell of single syscalls (closing the write tracker)
+                # does without the two injected calls that map and unmap it.
+                self.session.scratch(SCRATCH_SIZE)
+                self.session.run_batch(self._asked)
             for call in self._asked:
                 self._check(call.name, call.result)
-        self.session = self.scratch = None
+        self.session = None
 
     def ask(self, name, nr, *args):
         """A syscall the process runs at the end of this spell inside, with the others asked for
