@@ -15,11 +15,16 @@
 int main(int argc, char **argv)
 {
 	struct stat st;
-	unsigned char *region = mmap(NULL, SIZE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	/* Between two PROT_NONE guard pages: a region replaced next to an anonymous neighbour merges
+	   with it or not depending on the moment, and the layout compared before and after the
+	   move would depend on it. */
+	unsigned char *reserved = mmap(NULL, SIZE + 2 * 4096, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	unsigned char *region = reserved + 4096;
 	unsigned generation = 1;
 	int bad = 0;
 
-	if (argc < 2 || region == MAP_FAILED)
+	if (argc < 2 || reserved == MAP_FAILED ||
+	    mmap(region, SIZE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0) != region)
 		return 1;
 	memset(region, generation, SIZE);
 	printf("ready\n");
