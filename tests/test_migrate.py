@@ -103,6 +103,34 @@ def test_memory(agent, registry, c_make):
     assert info["pages"] > 16 * 256 // 2, f"too few pages travelled for a 16 MiB anonymous region: {info}"
 
 
+def test_a_batch_of_zero_pages_does_not_turn_the_ring(registry):
+    """read_batches hands out its buffers in a ring: a batch stays as it is until `ring` more
+    have been asked for (ZeroMQ may still be sending it). A batch whose pages are all zeros is
+    left out and must not take a buffer from the ring (it once overwrote the batch before it)."""
+    page = 4096
+    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import ctypes, mmap, sys
+        m = mmap.mmap(-1, 12 * {page})
+        m[:4 * {page}] = b"A" * (4 * {page})
+        m[4 * {page}:8 * {page}] = bytes(4 * {page})  # present, all zeros
+        m[8 * {page}:] = b"C" * (4 * {page})
+        print(ctypes.addressof(ctypes.c_char.from_buffer(m)), flush=True)
+        sys.stdin.read()
+    """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    registry.remember(child.pid)
+    try:
+        start = int(child.stdout.readline())
+        region = [[start, 12 * page]]
+        batches = memory.read_batches(child.pid, region, batch_bytes=4 * page, zero_spans=region, ring=2)
+        first_runs, first = next(batches)
+        second_runs, second = next(batches)
+        assert (first_runs, second_runs) == ([[start, 4 * page]], [[start + 8 * page, 4 * page]])
+        assert bytes(first) == b"A" * (4 * page) and bytes(second) == b"C" * (4 * page)
+    finally:
+        child.kill()
+        child.wait()
+
+
 LOCKER_SCRIPT = textwrap.dedent('''\
     import ctypes, sys, time
 

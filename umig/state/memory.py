@@ -274,11 +274,13 @@ def _carried_runs(pid, pagemap_fd, mappings, every_mapping):
             # Still the file's own page: mapping the file again brings it back.
             files_own = categories & PAGE_IS_FILE and not categories & PAGE_IS_SWAPPED
             if end <= m_end:  # nearly always: within the current member
-                if not (file and files_own):
+                if m_start < end and not (file and files_own):
                     add_run(runs, max(start, m_start), end)
                 continue
             for a, b, member_file, member_runs in members[j:]:  # cut at the members it spans
-                if a < end and start < b and not (member_file and files_own):
+                if a >= end:
+                    break
+                if start < b and not (member_file and files_own):
                     add_run(member_runs, max(start, a), min(end, b))
         series.clear()
 
@@ -442,9 +444,12 @@ def read_batches(pid, runs, batch_bytes=BATCH_BYTES, zero_spans=(), tolerant=Fal
         stores.append(bytearray(size) if len(stores) < ring else stores.pop(0))  # the oldest, once all exist
         return memoryview(stores[-1])
 
+    buffer = None
     try:
         for pieces in _pieces(runs, size):
-            buffer = next_buffer()
+            # A new buffer only once the last one was yielded: a batch left empty (all zero pages,
+            # or nothing readable any more) must not advance the ring.
+            buffer = buffer or next_buffer()
             batch_runs, filled = _read_pieces(mem, buffer, pieces, tolerant)
             # A page whose first word is not zero is not all zeros: that is most pages, and looking
             # at one word a page costs a tenth of searching the batch for a zero page (which
@@ -453,6 +458,7 @@ def read_batches(pid, runs, batch_bytes=BATCH_BYTES, zero_spans=(), tolerant=Fal
                 batch_runs, filled = _without_zero_pages(buffer, batch_runs, zero_spans)
             if filled:
                 yield batch_runs, buffer[:filled]
+                buffer = None
     finally:
         mem.close()
 
