@@ -355,13 +355,24 @@ def test_mm_cannot_change_exe_while_the_restorer_image_is_mapped(restorers):
 
 
 def test_pipelined_steps(restorers):
-    """Far more reports than a socket buffer holds, unread while sending: no deadlock."""
+    """Far more reports than a socket buffer holds, unread while sending: no deadlock (steps
+    queued and sent together once hung here, both sides waiting on a full buffer: a stall fails
+    the test instead of hanging it)."""
     r = restorers()
     r.start("any")
-    for _ in range(20000):
-        r.umask(0o22)
-    r.map(DATA, 4096, prot=PROT_RW)
-    r.sync()
+
+    def stalled(signo, frame):
+        raise TimeoutError("the steps stalled")
+    previous = signal.signal(signal.SIGALRM, stalled)
+    signal.alarm(20)
+    try:
+        for _ in range(20000):
+            r.umask(0o22)
+        r.map(DATA, 4096, prot=PROT_RW)
+        r.sync()
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
     assert read_memory(r.pid, DATA, 4096) == bytes(4096)
 
 

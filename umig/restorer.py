@@ -36,6 +36,9 @@ RESTORER_PATH = Path(__file__).parent / "bin" / "umig-restorer"
 PROTOCOL_VERSION = 2
 MAX_PAYLOAD = 64 * 1024
 OUTBOX_BYTES = 64 * 1024  # queued commands are sent once they reach this
+# Commands sent and not yet reported, at most: their reports (16 bytes each) and the commands
+# themselves stay well inside the channel's buffers, so neither side blocks the other.
+MAX_UNREPORTED = 256
 RELOCATE_STACK = 16 * 1024
 PAGE_SIZE = 4096
 
@@ -324,12 +327,11 @@ class Restorer:
 
     def _read_report(self) -> tuple[int, int, int] | None:
         """The next report, waiting up to the timeout for it; None at end of file."""
-        self.flush()
         while len(self._rx) < _REPORT.size:
             poller = select.poll()
             poller.register(self._sock, select.POLLIN)
             if not poller.poll(self.timeout * 1000):
-                step = self._last_step_name()
+                step = _step_name(self._sent[0].op) if self._sent else self._last_step_name()
                 self.kill()
                 raise RestoreStepError(
                     f"restore step '{step}' failed: no report from the restorer within "
@@ -441,7 +443,7 @@ class Restorer:
                              f"{MAX_PAYLOAD}")
         self._queued.append(_Sent(op, context))
         self._outbox += _COMMAND.pack(op, len(payload)) + payload
-        if len(self._outbox) >= OUTBOX_BYTES:
+        if len(self._outbox) >= OUTBOX_BYTES or len(self._queued) >= MAX_UNREPORTED:
             self.flush()
 
     def flush(self) -> None:
@@ -451,6 +453,10 @@ class Restorer:
         if not self._queued:
             return
         self._poll()
+        # The restorer stops reading commands while its reports wait to be read: with more sent
+        # and unreported than this, both sides could wait for the other for ever.
+        while self._sent and len(self._sent) + len(self._queued) > MAX_UNREPORTED:
+            self._wait_report()
         commands, self._outbox = self._outbox, bytearray()
         self._sent.extend(self._queued)
         self._last_step = self._queued[-1].op
