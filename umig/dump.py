@@ -105,13 +105,17 @@ class Frozen:
             self._asked = []
             yield
             if self._asked:
-                # Made only for a batch: a spell of single syscalls (closing the write tracker)
-                # does without the two injected calls that map and unmap it.
-                self.session.scratch(SCRATCH_SIZE)
-                self.session.run_batch(self._asked)
+                self.run_batch(self._asked)
             for call in self._asked:
                 self._check(call.name, call.result)
         self.session = None
+
+    def run_batch(self, calls):
+        """Run these ptrace.Calls now, together; each holds its result then. The scratch area they
+        run from is made for the first batch of a spell: one of single syscalls (closing the
+        write tracker) does without the two injected calls that map and unmap it."""
+        self.session.scratch(SCRATCH_SIZE)
+        self.session.run_batch(calls)
 
     def ask(self, name, nr, *args):
         """A syscall the process runs at the end of this spell inside, with the others asked for

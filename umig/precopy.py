@@ -83,7 +83,7 @@ class WriteTracker:
             calls += [Call(f"UFFDIO_REGISTER of mappings {start:x}-{end:x}", SYS_IOCTL, fd, memory.UFFDIO_REGISTER,
                            Buffer(data=struct.pack("<QQQQ", start, end - start, UFFDIO_REGISTER_MODE_WP, 0)))
                       for start, end in _neighbourhoods(section["mappings"], self.tracked)]
-            frozen.session.run_batch(calls)  # each ioctl alone cost two wake-ups of the process
+            frozen.run_batch(calls)  # each ioctl alone cost two wake-ups of the process
             failed = next((call for call in calls if call.result < 0), None)
             if failed:
                 frozen.syscall_checked("close of the userfaultfd", SYS_CLOSE, fd)
