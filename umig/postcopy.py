@@ -62,9 +62,9 @@ def split(state, runs, working_set=()):
     """(eager, lazy) page runs: userfaultfd serves missing pages of anonymous private memory only,
     and not those the kernel writes while the restorer still runs (the rseq area, on registration):
     no one would answer that fault. Pages of the `working_set` runs go eagerly too, and mappings
-    no larger than a fault's prefetch: the first fault would bring all of them (a CPython process
-    has a few, one of them touched first thing after every resume), and eager pages go ahead
-    while the process still runs."""
+    no larger than a fault's prefetch: one or two faults would bring all of them (a CPython
+    process has a few, one of them touched first thing after every resume), and eager pages go
+    ahead while the process still runs."""
     spans = [span for span in memory.spans(state["memory"], LAZY_KINDS) if span[1] > PREFETCH_PAGES * PAGE_SIZE]
     lazy_spans = memory.intersect(spans, memory.complement(working_set, 0, 2 ** 64))
     if state["rseq"]:
