@@ -2,7 +2,7 @@
 """What bounds stop-and-copy's throughput on this machine: each stage a page goes through, timed
 alone with umig's own code paths, and the end-to-end rate those stages allow together.
 
-A page is read from the frozen process (/proc/PID/mem), hashed (xxh3, every record is),
+A page is read from the frozen process (process_vm_readv), hashed (xxh3, every record is),
 carried over loopback TCP by ZeroMQ (a send and a receive: two kernel copies and the I/O
 threads), and placed in the restored process (UFFDIO_COPY). The stages overlap in a pipeline,
 so with enough cores the slowest stage sets the pace; with C cores the CPU time of all of them
@@ -152,7 +152,7 @@ def main(argv=None):
         holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(size)], stdout=subprocess.PIPE, text=True)
         try:
             full, empty, fd = map(int, holder.stdout.readline().split())
-            times = {"read /proc/PID/mem": read_stage(holder.pid, full, size),
+            times = {"read the process's memory": read_stage(holder.pid, full, size),
                      "xxh3 digest": hash_stage(data),
                      "ZeroMQ over loopback TCP": network_stage(data),
                      "UFFDIO_COPY into the process": place_stage(holder.pid, empty, fd, data)}
