@@ -68,6 +68,7 @@ class WriteTracker:
     def __init__(self, frozen, section, kinds=TRACKED_KINDS):
         """Arm it for the mappings of these kinds: the process must be stopped (injected syscalls)."""
         self.frozen = frozen
+        self.mappings = section["mappings"]
         self.tracked = [m for m in section["mappings"] if m["kind"] in kinds]
         with frozen.inside():
             fd = frozen.syscall_checked("userfaultfd", SYS_USERFAULTFD, O_CLOEXEC | O_NONBLOCK | UFFD_USER_MODE_ONLY)
@@ -82,7 +83,7 @@ class WriteTracker:
                           Buffer(data=struct.pack("<QQQ", UFFD_API, UFFD_FEATURE_WP_ASYNC, 0)))]
             calls += [Call(f"UFFDIO_REGISTER of mappings {start:x}-{end:x}", SYS_IOCTL, fd, memory.UFFDIO_REGISTER,
                            Buffer(data=struct.pack("<QQQQ", start, end - start, UFFDIO_REGISTER_MODE_WP, 0)))
-                      for start, end in _neighbourhoods(section["mappings"], self.tracked)]
+                      for start, end in _neighbourhoods(self.mappings, self.tracked)]
             frozen.run_batch(calls)  # each ioctl alone cost two wake-ups of the process
             failed = next((call for call in calls if call.result < 0), None)
             if failed:
@@ -100,19 +101,24 @@ class WriteTracker:
     def written(self):
         """Runs of pages written since the last call, write-protected again as they are reported."""
         runs = []
-        for m in self.tracked:
-            if memory.same_mapping(m) in self.lost:
-                continue
+        watched = [m for m in self.tracked if memory.same_mapping(m) not in self.lost]
+        # One scan for each series of watched mappings with nothing else between them, as they
+        # were registered (a scan for each mapping cost most of a millisecond of the final freeze
+        # of a CPython process); one that fails has a mapping that changed: each is asked alone.
+        for start, end in _neighbourhoods(self.mappings, watched):
             try:
-                # Only pages that exist: protecting holes would fill the page tables of a sparse
-                # mapping with markers.
-                runs.extend([start, end - start] for start, end, _ in memory.scan(
-                    self._pagemap, m["start"], m["end"], memory.PAGE_IS_PRESENT | memory.PAGE_IS_SWAPPED,
-                    PAGE_IS_WRITTEN, required=PAGE_IS_WRITTEN, flags=PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC))
+                runs.extend(self._written_between(start, end))
+                continue
             except UmigError:
-                # Unmapped or replaced since it was registered: no longer tracked, so all of
-                # whatever is there now travels in the frozen copy.
-                self.lost.add(memory.same_mapping(m))
+                pass
+            for m in watched:
+                if start <= m["start"] < end:
+                    try:
+                        runs.extend(self._written_between(m["start"], m["end"]))
+                    except UmigError:
+                        # Unmapped or replaced since it was registered: no longer tracked, so
+                        # all of whatever is there now travels in the frozen copy.
+                        self.lost.add(memory.same_mapping(m))
         # A copied page the process drops from a private file mapping leaves a write-protect
         # marker, which PAGEMAP_SCAN reports as swapped and not written: the copy the target holds
         # is stale there (the file's page is back). Swapped pages of file mappings go again, read
@@ -125,6 +131,13 @@ class WriteTracker:
                 self._pagemap, files[0][0], files[-1][0] + files[-1][1], memory.PAGE_IS_SWAPPED, memory.PAGE_IS_SWAPPED)]
             runs = memory.union(runs, memory.intersect(swapped, files))
         return runs
+
+    def _written_between(self, start, end):
+        # Only pages that exist: protecting holes would fill the page tables of a sparse mapping
+        # with markers. A mapping there that is not registered (new, or replaced) fails the scan.
+        return [[run_start, run_end - run_start] for run_start, run_end, _ in memory.scan(
+            self._pagemap, start, end, memory.PAGE_IS_PRESENT | memory.PAGE_IS_SWAPPED, PAGE_IS_WRITTEN,
+            required=PAGE_IS_WRITTEN, flags=PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC)]
 
     def sent(self, runs, buffer):
         """Nothing to note: the kernel keeps the record."""
