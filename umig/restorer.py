@@ -471,7 +471,7 @@ class Restorer:
             self._wait_report()
 
     def sync(self) -> None:
-        """Waits for the reports of every command sent so far."""
+        """Sends the queued commands and waits for the reports of every command so far."""
         self.flush()
         while self._sent:
             self._wait_report()
