@@ -1,6 +1,7 @@
 """Live migrations that must succeed, each checked by how the process continues: its output
 (and files) equal a run that was never migrated, its memory layout is the same, it keeps its
 PID (in a new PID namespace: the old one is still taken on this host), and it exits 0."""
+import contextlib
 import json
 import os
 import random
@@ -103,32 +104,38 @@ def test_memory(agent, registry, c_make):
     assert info["pages"] > 16 * 256 // 2, f"too few pages travelled for a 16 MiB anonymous region: {info}"
 
 
+@contextlib.contextmanager
+def process_holding(registry, size, fill):
+    """A Python child holding `size` bytes of anonymous memory `m` (an mmap) that the statements
+    of `fill` have written; yields (pid, the memory's address), and ends the child."""
+    child = subprocess.Popen([sys.executable, "-c", f"import ctypes, mmap, sys\nm = mmap.mmap(-1, {size})\n"
+                              + textwrap.dedent(fill)
+                              + "print(ctypes.addressof(ctypes.c_char.from_buffer(m)), flush=True)\nsys.stdin.read()\n"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    registry.remember(child.pid)
+    try:
+        yield child.pid, int(child.stdout.readline())
+    finally:
+        child.kill()
+        child.wait()
+
+
 def test_a_batch_of_zero_pages_does_not_turn_the_ring(registry):
     """read_batches hands out its buffers in a ring: a batch stays as it is until `ring` more
     have been asked for (ZeroMQ may still be sending it). A batch whose pages are all zeros is
     left out and must not take a buffer from the ring (it once overwrote the batch before it)."""
     page = 4096
-    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import ctypes, mmap, sys
-        m = mmap.mmap(-1, 12 * {page})
-        m[:4 * {page}] = b"A" * (4 * {page})
-        m[4 * {page}:8 * {page}] = bytes(4 * {page})  # present, all zeros
-        m[8 * {page}:] = b"C" * (4 * {page})
-        print(ctypes.addressof(ctypes.c_char.from_buffer(m)), flush=True)
-        sys.stdin.read()
-    """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    registry.remember(child.pid)
-    try:
-        start = int(child.stdout.readline())
+    with process_holding(registry, 12 * page, f"""
+            m[:4 * {page}] = b"A" * (4 * {page})
+            m[4 * {page}:8 * {page}] = bytes(4 * {page})  # present, all zeros
+            m[8 * {page}:] = b"C" * (4 * {page})
+            """) as (pid, start):
         region = [[start, 12 * page]]
-        batches = memory.read_batches(child.pid, region, batch_bytes=4 * page, zero_spans=region, ring=2)
+        batches = memory.read_batches(pid, region, batch_bytes=4 * page, zero_spans=region, ring=2)
         first_runs, first = next(batches)
         second_runs, second = next(batches)
         assert (first_runs, second_runs) == ([[start, 4 * page]], [[start + 8 * page, 4 * page]])
         assert bytes(first) == b"A" * (4 * page) and bytes(second) == b"C" * (4 * page)
-    finally:
-        child.kill()
-        child.wait()
 
 
 LOCKER_SCRIPT = textwrap.dedent('''\
@@ -238,22 +245,15 @@ def test_all_zero_pages_of_fresh_memory_stay_home(registry):
     """Pages that read as zeros where the target maps fresh memory are not sent: written with
     zeros, or never touched; a page with a zero first word and data after it is sent whole."""
     pages = 48
-    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import ctypes, mmap, sys
-        m = mmap.mmap(-1, {pages} * 4096)
-        for i in range({pages}):
-            if i % 3 == 0:
-                m[i * 4096] = 0                          # touched, all zeros
-            elif i % 3 == 1:
-                m[i * 4096 + (100 if i % 2 else 0)] = i  # data, after a zero word or not
-        print(ctypes.addressof(ctypes.c_char.from_buffer(m)), flush=True)
-        sys.stdin.read()
-    """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    registry.remember(child.pid)
-    try:
-        start = int(child.stdout.readline())
+    with process_holding(registry, pages * 4096, f"""
+            for i in range({pages}):
+                if i % 3 == 0:
+                    m[i * 4096] = 0                          # touched, all zeros
+                elif i % 3 == 1:
+                    m[i * 4096 + (100 if i % 2 else 0)] = i  # data, after a zero word or not
+            """) as (pid, start):
         region = [[start, pages * 4096]]
-        batches = list(memory.read_batches(child.pid, region, zero_spans=region))
+        batches = list(memory.read_batches(pid, region, zero_spans=region))
         kept = [(run_start, length) for runs, _ in batches for run_start, length in runs]
         assert kept == [(start + i * 4096, 4096) for i in range(1, pages, 3)]
         data = b"".join(bytes(buffer) for _, buffer in batches)
@@ -261,9 +261,6 @@ def test_all_zero_pages_of_fresh_memory_stay_home(registry):
             expected = bytearray(4096)
             expected[100 if i % 2 else 0] = i
             assert data[n * 4096:(n + 1) * 4096] == expected
-    finally:
-        child.kill()
-        child.wait()
 
 
 def test_files(agent, registry, c_make):
