@@ -41,7 +41,6 @@ class MapsEntry(NamedTuple):
 _MAPS_LINE = re.compile(r"([0-9a-f]+)-([0-9a-f]+) (\S{4}) ([0-9a-f]+) (\S+) (\d+)\s*(.*)")
 
 
-
 def proc_path(pid, *parts):
     return os.path.join("/proc", str(pid), *parts)
 

@@ -378,6 +378,7 @@ _STOP_ITSELF = bytes.fromhex("48c7c027000000" "0f05" "4889c7"              # mov
                              "48c7c213000000" "48c7c0ea000000" "0f05"      # mov rdx, 19; mov rax, 234; syscall
                              "ebfe")                                       # jmp .
 _TRAP_FLAG = 0x100  # eflags.TF
+_REGISTER = (1 << 64) - 1  # an integer argument as a 64-bit register holds it (negative ones too)
 _CALL_CODE_SIZE = len(_LOAD_RAX) + 8 + 6 * (2 + 8) + len(_SYSCALL_INSN) + len(_STORE_RAX) + 8
 
 
@@ -1050,7 +1051,7 @@ class SyscallSession:
                     data.append((arg, address))
                     address += _aligned(len(arg.data))
                 else:
-                    values.append(arg & ALL_SIGNALS)
+                    values.append(arg & _REGISTER)
             arguments.append(values)
         if address - self._scratch > self._scratch_size:
             raise ValueError(f"a syscall needs {address - self._scratch} bytes of scratch, {self._scratch_size} there")

@@ -244,9 +244,6 @@ def _shmem_runs(pid, mapping):
         os.close(fd)
 
 
-_SCANNED_KINDS = ("anon", "heap", "stack", "file")  # whose pages the page tables tell
-
-
 def _carried_runs(pid, pagemap_fd, mappings, every_mapping):
     """For each of these mappings (in address order), its page runs that must travel, as
     [start, length] pairs. One PAGEMAP_SCAN covers a series of scanned mappings (a call for each
@@ -558,6 +555,7 @@ def _without_zero_pages(buffer, runs, zero_spans):
 FRESH_KINDS = ("anon", "heap", "stack", "shared_anon")
 # Memory that userfaultfd can fill (missing-page mode): private anonymous memory.
 PRIVATE_ANON_KINDS = ("anon", "heap", "stack")
+_SCANNED_KINDS = PRIVATE_ANON_KINDS + ("file",)  # whose pages the page tables tell
 
 
 def spans(section, kinds):
@@ -790,6 +788,7 @@ def _process_vm(call, pid, runs, local):
     address `local`: the bytes moved, up to the first page it could not reach, or -1."""
     remote = struct.pack(f"{2 * len(runs)}Q", *itertools.chain.from_iterable(runs))
     return call(pid, struct.pack("2Q", local, sum(length for _, length in runs)), 1, remote, len(runs), 0)
+
 
 # Whether a mapping's pages come in long runs or scattered, the image does not say; how much of
 # it travels hints at it. A mapping used in part, like a heap or an arena, fills mostly from one
