@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from umig import procfs  # noqa: E402
 from umig.errors import UmigError  # noqa: E402
 from umig.restorer import (LAYOUTS, MAX_PAYLOAD, PROTOCOL_VERSION, RELOCATE_STACK, Op,  # noqa: E402
                            RestoreStepError, Restorer)
@@ -403,13 +404,6 @@ def test_page_writer_fills_missing_present_and_unregistered_memory(restorers):
     r.sync()  # the restorer is unharmed
 
 
-def vmflags(pid, start):
-    """The VmFlags of the mapping at start."""
-    lines = Path(f"/proc/{pid}/smaps").read_text().splitlines()
-    at = next(i for i, line in enumerate(lines) if line.startswith(f"{start:x}-"))
-    return next(line.split()[1:] for line in lines[at:] if line.startswith("VmFlags:"))
-
-
 def test_page_writer_sparse_mapping_vectored(restorers):
     """A mapping of which little travels is left out of the userfaultfd (unless a fault there may
     bring in a huge page), its scattered pages written many runs to a process_vm_writev: more
@@ -435,9 +429,10 @@ def test_page_writer_sparse_mapping_vectored(restorers):
         {"kind": "anon", "start": sparse, "end": sparse + sparse_size, "pages": carried, "vmflags": ["nr"]},
         {"kind": "heap", "start": huge, "end": huge + (64 << 20), "pages": 1, "vmflags": ["hg"]}]})
     try:
-        assert "um" in vmflags(r.pid, dense) and "um" not in vmflags(r.pid, sparse)
+        vmflags = procfs.smaps(r.pid)
+        assert "um" in vmflags[dense] and "um" not in vmflags[sparse]
         takes_huge_pages = bool(memory._thp_modes() & {"always", "madvise"})
-        assert ("um" in vmflags(r.pid, huge)) == takes_huge_pages
+        assert ("um" in vmflags[huge]) == takes_huge_pages
         expected = bytearray(sparse_size)
         crossing = [sparse - (1 << 20), (1 << 20) + 4096]  # into the sparse mapping's first page
         for batch in (runs[:1500], [crossing] + runs[1500:]):
