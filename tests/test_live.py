@@ -91,6 +91,15 @@ def test_neighbours_the_kernel_kept_apart_stay_apart(agent, registry, c_make, mo
 
 
 @pytest.mark.parametrize("mode", ["live", "lazy"])
+def test_a_file_it_writes_grows_while_the_target_prepares(agent, registry, c_make, mode):
+    """The first state's files are looked at on the target while the process still runs: a log
+    it appends to every millisecond has grown by then. That is no reason to refuse (the final
+    state's check, of the frozen process, is the one that counts), and no line goes missing."""
+    wl, _, _ = migrate_and_compare(agent, registry, c_make("appender"), extra=(f"--{mode}",))
+    assert "appended lines: all, in order" in wl.stdout()
+
+
+@pytest.mark.parametrize("mode", ["live", "lazy"])
 def test_mapping_replaced_during_the_copy(agent, registry, c_make, mode):
     """A mapping unmapped and mapped again, new contents each time, while memory is copied: the
     tracker loses it (pre-copy) or hears it go (post-copy), and it arrives whole and current."""

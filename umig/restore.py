@@ -26,10 +26,12 @@ def pid_mode(requested, pid):
 
 def check_target(state, built=None):
     """Refuse, before anything is started, what this host cannot rebuild (for a live migration's
-    final state, `built` is the first one: what it checked is not checked again)."""
+    final state, `built` is the first one: what it checked is not checked again). The files a
+    live or lazy migration's first state has open may still change; the final state checks them
+    whole."""
     memory.check_target(state["memory"], built and built["memory"])
     mm.check_target(state["mm"])
-    files.check_target(state["files"])
+    files.check_target(state["files"], settled=built is not None or state.get("mode") not in ("live", "lazy"))
     task.check_target(state["task"])
 
 

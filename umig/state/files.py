@@ -89,12 +89,14 @@ def dump(pid, hidden=()):
     return {"fds": fds}
 
 
-def check_target(section):
+def check_target(section, settled=True):
+    """Refuse descriptors of files this host lacks or has otherwise; `settled`: see
+    memory.check_identity."""
     for entry in section["fds"]:
         if "dup_of" in entry:
             continue
         if entry["kind"] == "file":
-            check_identity(entry["path"], entry["identity"], f"fd {entry['fd']}: file")
+            check_identity(entry["path"], entry["identity"], f"fd {entry['fd']}: file", settled)
         elif not os.path.exists(entry["path"]):
             raise UmigError(f"fd {entry['fd']}: device {entry['path']} is missing on the target")
 

@@ -190,13 +190,16 @@ def _content_identity(path, device, inode, size, mtime_ns, ctime_ns):
         return {"sha256": hashlib.file_digest(f, "sha256").hexdigest()}
 
 
-def check_identity(path, identity, what):
-    """Raise if the file at path is not the one the image was made from."""
+def check_identity(path, identity, what, settled=True):
+    """Raise if the file at path is not the one the image was made from. Not `settled`: the
+    process still runs and may change it (grow a log it writes) before this look: then only
+    that it is there, and its contents where they were identified; its size and times wait for
+    the final state."""
     try:
         here = file_identity(path, content="build_id" in identity or "sha256" in identity)
     except OSError as e:
         raise UmigError(f"{what} {path}: {e.strerror} on the target") from None
-    for key in ("build_id", "sha256", "size", "mtime_ns"):
+    for key in ("build_id", "sha256", "size", "mtime_ns") if settled else ("build_id", "sha256"):
         if key in identity and here.get(key) != identity[key]:
             raise UmigError(f"{what} {path} differs on the target ({key} {here.get(key)} != {identity[key]})")
 
