@@ -11,7 +11,7 @@ import pytest
 
 from conftest import (alive, assert_maps_equal, c_workload, migrate, proc_state, read_maps, umig_cmd, umig_env,
                       wait_until)
-from umig import dump, postcopy
+from umig import dump, postcopy, precopy
 from umig.procfs import PAGE_SIZE
 from umig.state import memory
 from test_failures import (assert_target_clean, finish_and_compare, migrate_expecting_failure,  # noqa: F401
@@ -59,6 +59,35 @@ def test_small_mappings_go_before_the_resume(workloads, registry, tmp_path):
             assert not memory.intersect(lazy, span) and memory.intersect(eager, span), m
         else:
             assert memory.intersect(lazy, span), m
+
+
+@pytest.mark.parametrize("mib, whole", [("1", True), ("8", False)])
+def test_mappings_around_written_pages_go_ahead(workloads, registry, tmp_path, mib, whole):
+    """An anonymous mapping of at most NEIGHBOURHOOD_LIMIT holding a page written since the first
+    state goes ahead whole (what a process reads first lies near what it writes); a larger one
+    does not. Looking at the written pages leaves them for the final scan, which resets them."""
+    wl = c_workload(workloads, "live_writer", tmp_path / "w", mib, registry=registry).start().wait_ready()
+    frozen = dump.freeze(wl.pid)
+    try:
+        state, _ = dump.collect(frozen)
+        frozen.tracker = precopy.WriteTracker(frozen, state["memory"], postcopy.tracked_kinds(state["memory"]))
+        frozen.tracker.start()
+        frozen.run()
+        time.sleep(0.05)  # it writes its region meanwhile
+        frozen.stop()
+        looked = frozen.tracker.written(again=False)
+        assert looked and frozen.tracker.written(again=False) == looked
+        region = next(m for m in state["memory"]["mappings"]
+                      if m["kind"] == "anon" and m["end"] - m["start"] >= int(mib) << 20)
+        span = [[region["start"], region["end"] - region["start"]]]
+        assert memory.intersect(looked, span), "no write seen in the region"
+        present = memory.present_runs(wl.pid, state["memory"]["mappings"])
+        ahead = postcopy.neighbourhoods(state, present, looked)
+        assert memory.intersect(ahead, span) == (memory.intersect(present, span) if whole else [])
+        assert sum(length for _, length in memory.intersect(present, span)) >= (int(mib) << 20) * 15 // 16
+        assert frozen.tracker.written() == looked and frozen.tracker.written() == []
+    finally:
+        frozen.thaw()
 
 
 @pytest.mark.parametrize("mode", ["lazy", "live"])

@@ -126,14 +126,19 @@ def _postcopy_start(frozen, state, writer, connection, phases, notice):
     if frozen.tracker:
         # What must arrive before the resume goes while the process still runs (the tracker is on
         # by now: what it writes from here is sent again), and the target places it meanwhile.
-        ahead = postcopy.split(state, memory.present_runs(frozen.pid, state["memory"]["mappings"]))[0]
+        # With them, the mappings around what it wrote so far (looked at, not reset: the working
+        # set below is still all it writes from the first state on).
+        present = memory.present_runs(frozen.pid, state["memory"]["mappings"])
+        ahead = postcopy.split(state, present, postcopy.neighbourhoods(state, present,
+                                                                       frozen.tracker.written(again=False)))[0]
         dump.write_pages(writer, frozen.pid, ahead, tolerant=True)
         _settle(writer, connection, phases, "eager pages ahead, until the target placed them")
     frozen.stop()
     working_set = frozen.tracker.written() if frozen.tracker else []
     final, runs = dump.collect(frozen, hidden_fds=frozen.tracker.fds if frozen.tracker else ())
     phases.mark("stop and final collect")
-    eager, lazy_runs = postcopy.split(final, runs, working_set)
+    # Pages sent ahead are eager still (only those written since go again: final_pages).
+    eager, lazy_runs = postcopy.split(final, runs, memory.union(working_set, ahead))
     discard = []
     if frozen.tracker:
         eager, discard = precopy.final_pages(state["memory"], final["memory"], working_set, eager,

@@ -98,8 +98,9 @@ class WriteTracker:
         run meanwhile: a page it writes then may be reported or not)."""
         self.written()
 
-    def written(self):
-        """Runs of pages written since the last call, write-protected again as they are reported."""
+    def written(self, again=True):
+        """Runs of pages written since the last call, write-protected again as they are reported
+        (unless not `again`: then only looked at, and the next call reports them too)."""
         runs = []
         watched = [m for m in self.tracked if memory.same_mapping(m) not in self.lost]
         # One scan for each series of watched mappings with nothing else between them, as they
@@ -107,14 +108,14 @@ class WriteTracker:
         # of a CPython process); one that fails has a mapping that changed: each is asked alone.
         for start, end in _neighbourhoods(self.mappings, watched):
             try:
-                runs.extend(self._written_between(start, end))
+                runs.extend(self._written_between(start, end, again))
                 continue
             except UmigError:
                 pass
             for m in watched:
                 if start <= m["start"] < end:
                     try:
-                        runs.extend(self._written_between(m["start"], m["end"]))
+                        runs.extend(self._written_between(m["start"], m["end"], again))
                     except UmigError:
                         # Unmapped or replaced since it was registered: no longer tracked, so
                         # all of whatever is there now travels in the frozen copy.
@@ -132,12 +133,12 @@ class WriteTracker:
             runs = memory.union(runs, memory.intersect(swapped, files))
         return runs
 
-    def _written_between(self, start, end):
+    def _written_between(self, start, end, again):
         # Only pages that exist: protecting holes would fill the page tables of a sparse mapping
         # with markers. A mapping there that is not registered (new, or replaced) fails the scan.
         return [[run_start, run_end - run_start] for run_start, run_end, _ in memory.scan(
             self._pagemap, start, end, memory.PAGE_IS_PRESENT | memory.PAGE_IS_SWAPPED, PAGE_IS_WRITTEN,
-            required=PAGE_IS_WRITTEN, flags=PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC)]
+            required=PAGE_IS_WRITTEN, flags=PM_SCAN_CHECK_WPASYNC | (PM_SCAN_WP_MATCHING if again else 0))]
 
     def sent(self, runs, buffer):
         """Nothing to note: the kernel keeps the record."""
