@@ -152,7 +152,7 @@ int main(int argc, char **argv) {
     try:
         base = int(child.stdout.readline(), 16)
         frozen = dump.freeze(child.pid)
-        section, _ = memory.dump(child.pid)
+        section, _ = memory.dump(child.pid, frozen.status)
         frozen.tracker = precopy.WriteTracker(frozen, section)
         frozen.tracker.start()
         frozen.run()

@@ -73,7 +73,10 @@ class Frozen:
         self.tracee.interrupt()
         try:
             # It may have started a thread or a child since it was checked.
-            threads, children = int(procfs.status(self.pid)["Threads"]), procfs.children(self.pid)
+            # Read once for the whole stop: what the state's sections take from it (credentials,
+            # umask, handled signals, page tables, PIDs) cannot change while the process is held.
+            self.status = procfs.status(self.pid)
+            threads, children = int(self.status["Threads"]), procfs.children(self.pid)
             if threads > 1 or children:
                 raise Refused(f"pid {self.pid} started {'a thread' if threads > 1 else 'a child'} while umig "
                               "prepared to freeze it")
@@ -184,8 +187,8 @@ def collect(frozen, hidden_fds=()):
                  "signals": signals.dump(frozen)}
     state = {name: section() for name, section in asked.items()}
     # After the scratch page is gone, so that memory is exactly the process's own.
-    state["memory"], runs = memory.dump(pid)
-    state.update(pid=procfs.namespace_pid(pid), rseq=frozen.rseq, registers=registers.dump(frozen),
+    state["memory"], runs = memory.dump(pid, frozen.status)
+    state.update(pid=procfs.namespace_pid(frozen.status), rseq=frozen.rseq, registers=registers.dump(frozen),
                  files=files.dump(pid, hidden_fds))
     return state, runs
 

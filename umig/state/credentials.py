@@ -29,7 +29,7 @@ def check(pid):
 
 def dump(frozen):
     """Asks the frozen process (dump.Frozen.ask); returns what makes the section once it answered."""
-    status = procfs.status(frozen.pid)
+    status = frozen.status
     dumpable = frozen.ask("prctl(PR_GET_DUMPABLE)", SYS_PRCTL, PR_GET_DUMPABLE)
     return lambda: {"uids": [int(x) for x in status["Uid"].split()],
                     "gids": [int(x) for x in status["Gid"].split()],

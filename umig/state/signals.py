@@ -33,7 +33,7 @@ def dump(frozen):
     """Asks the frozen process (dump.Frozen.ask); returns what makes the section once it answered."""
     # Ask only of signals that /proc says are caught or ignored (a default action's flags mean
     # nothing), and of SIGCHLD, whose SA_NOCLDSTOP/SA_NOCLDWAIT matter even at its default.
-    status = procfs.status(frozen.pid)
+    status = frozen.status
     not_default = int(status["SigCgt"], 16) | int(status["SigIgn"], 16) | 1 << (signal.SIGCHLD - 1)
     actions = {}
     for signo in range(1, 65):

@@ -38,7 +38,7 @@ def dump(frozen):
     for which, timer in timers.items():
         frozen.ask("getitimer", SYS_GETITIMER, which, timer)
     section = {"comm": procfs.read_text(pid, "comm").rstrip("\n"), "cwd": os.readlink(procfs.proc_path(pid, "cwd")),
-               "umask": int(procfs.status(pid)["Umask"], 8),
+               "umask": int(frozen.status["Umask"], 8),
                "personality": int(procfs.read_text(pid, "personality"), 16),
                "rlimits": _rlimits(pid),
                "nice": int(procfs.stat_fields(pid)[NICE_FIELD]),
