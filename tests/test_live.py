@@ -7,6 +7,8 @@ hash of its whole region must equal a replay of that many steps in a process nev
 """
 import os
 import re
+import select
+import signal
 import subprocess
 
 import pytest
@@ -164,5 +166,40 @@ int main(int argc, char **argv) {
     finally:
         if frozen is not None:
             frozen.thaw()
+        child.kill()
+        child.wait()
+
+
+def test_a_signal_between_the_freezes_is_handled_at_once(tmp_path, registry):
+    """Between the first and the final freeze of a live or lazy move the process runs on, and
+    handles a signal sent to it then: a traced process would wait in its signal-delivery-stop
+    until umig next looked, as long as copying its memory takes."""
+    source = tmp_path / "waiter.c"
+    source.write_text(r"""
+#include <signal.h>
+#include <stdio.h>
+#include <unistd.h>
+static void handle(int sig) { (void)sig; write(1, "signal\n", 7); }
+int main(void) {
+    signal(SIGUSR1, handle);
+    printf("ready\n"); fflush(stdout);
+    for (;;) pause();
+}
+""")
+    subprocess.run(["gcc", "-O2", "-o", tmp_path / "waiter", source], check=True)
+    child = subprocess.Popen([tmp_path / "waiter"], stdout=subprocess.PIPE, text=True)
+    registry.remember(child.pid)
+    try:
+        assert child.stdout.readline() == "ready\n"
+        frozen = dump.freeze(child.pid)
+        frozen.run()
+        os.kill(child.pid, signal.SIGUSR1)
+        ready, _, _ = select.select([child.stdout], [], [], 10)
+        assert ready and child.stdout.readline() == "signal\n", "the signal waited for the next freeze"
+        frozen.stop()
+        frozen.thaw()
+        os.kill(child.pid, signal.SIGUSR1)
+        assert child.stdout.readline() == "signal\n"
+    finally:
         child.kill()
         child.wait()

@@ -57,7 +57,7 @@ class Frozen:
         self.tracee = Tracee(pid)
         self.session = self.tracker = None
 
-    def freeze(self):
+    def _seize(self):
         try:
             self.tracee.seize()
         except UmigError as e:
@@ -65,11 +65,11 @@ class Frozen:
             if _exited(self.pid):
                 raise Refused(f"pid {self.pid} exited before umig could freeze it") from None
             raise e
-        return self.stop()
 
     def stop(self):
         """Hold it still and take its CPU state (again, after run())."""
         self.stopped_at = time.monotonic()  # where its frozen time begins
+        self._seize()
         self.tracee.interrupt()
         try:
             # It may have started a thread or a child since it was checked.
@@ -95,8 +95,11 @@ class Frozen:
         return self
 
     def run(self):
-        """Let it run on, still traced (live migration copies memory meanwhile)."""
-        self.tracee.cont()
+        """Let it run on, untraced, until stop() (live migration copies memory meanwhile): a
+        signal that comes to a traced process holds it in a signal-delivery-stop until its tracer
+        looks, which umig does only at the next stop. It may start a thread or a child
+        meanwhile, or exit: stop() refuses to go on then."""
+        self.tracee.detach()
 
     @contextlib.contextmanager
     def inside(self):
@@ -143,8 +146,14 @@ class Frozen:
         """Let the process go on exactly as it was: without the write tracker, if it had one."""
         try:
             if self.tracker is not None:
-                self.tracee.interrupt()
                 self.tracker, tracker = None, self.tracker
+                if not self.tracee.attached:
+                    try:
+                        self._seize()
+                    except Refused:
+                        tracker.forget()  # it has exited: its userfaultfd went with it
+                        return
+                self.tracee.interrupt()
                 tracker.disarm()
         finally:
             self.tracee.detach()
@@ -174,7 +183,7 @@ def refuse_blocked(pid):
 
 def freeze(pid):
     """Freeze a process that refuse_blocked() let through."""
-    return Frozen(pid).freeze()
+    return Frozen(pid).stop()
 
 
 def collect(frozen, hidden_fds=()):
