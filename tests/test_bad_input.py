@@ -186,21 +186,32 @@ def test_foreign_format_refused(image, tmp_path):
     assert_refused(other, "an image of another format")
 
 
-@pytest.mark.parametrize("mode, states", [(None, 1), ("lazy", 2), ("live", 2)])
-def test_sync_record_out_of_place_refused(mode, states):
-    """Syncs belong to live and lazy streams before their final state; anywhere else (a
-    stop-and-copy image, after the final state) the record is out of order."""
-    def reader(mode, states):
-        records = [umig_image.header(1)] + [umig_image.Record("state", {"pid": 1, "mode": mode})] * states + \
-            [umig_image.Record("sync", {})]
-        frames = iter([frame for seq, record in enumerate(records) for frame in umig_image.encode(record, seq)])
-        return umig_image.ImageReader(lambda: next(frames))
-    assert [record.kind for record in reader("live", 1)] == ["header", "state", "sync"]
-    assert [record.kind for record in reader("lazy", 1)] == ["header", "state", "sync"]
-    records = reader(mode, states)
-    for _ in range(1 + states):
+def _records(*kinds, mode=None):
+    """An ImageReader over a stream of these kinds of record (a header first, the first state
+    in `mode`)."""
+    meta = {"state": {"pid": 1, "mode": mode}, "end": {"records": len(kinds), "pages": 0, "bytes": 0}}
+    records = [umig_image.header(1)] + [umig_image.Record(kind, meta.get(kind, {})) for kind in kinds]
+    frames = iter([frame for seq, record in enumerate(records) for frame in umig_image.encode(record, seq)])
+    return umig_image.ImageReader(lambda: next(frames))
+
+
+@pytest.mark.parametrize("mode, before, late", [
+    (None, ["state"], "sync"), (None, ["state"], "layout"),
+    ("live", ["state", "layout"], "sync"), ("lazy", ["state", "layout", "state"], "sync"),
+    ("live", ["state"], "state"), ("live", ["state", "layout", "state"], "pages"),
+    ("lazy", ["state", "layout", "state"], "end")])
+def test_record_out_of_place_refused(mode, before, late):
+    """Syncs belong to live and lazy streams before their final layout; a final state to them,
+    after the layout; a stop-and-copy image has neither, and after the final state a live stream
+    ends, a lazy one resumes. Anything else is out of order."""
+    assert [record.kind for record in _records("state", "sync", "layout", "state", "end", mode="live")] == \
+        ["header", "state", "sync", "layout", "state", "end"]
+    assert [record.kind for record in _records("state", "sync", "layout", "state", "resume", mode="lazy")] == \
+        ["header", "state", "sync", "layout", "state", "resume"]
+    records = _records(*before, late, mode=mode)
+    for _ in range(1 + len(before)):
         next(records)
-    with pytest.raises(DamagedImage, match="a sync record where"):
+    with pytest.raises(DamagedImage, match=f"a {late} record where"):
         next(records)
 
 

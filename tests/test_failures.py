@@ -4,6 +4,7 @@ nothing behind on the target."""
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import threading
@@ -118,6 +119,33 @@ def test_client_killed_mid_transfer(pair, agent_factory, registry):
     target.wait_for_line(rf"^survivor: pid {src.pid} failed: ", 90, mark)
     assert_target_clean(target, since, registry, markers=[src.argv[0]], source_pid=src.pid)
     target.assert_alive()
+    finish_and_compare(src, ref)
+
+
+# --------------------------------------------------------------------------- (a') the source refuses late
+
+def test_source_refuses_its_final_state(pair, agent_factory, registry):
+    """A live move whose process opens a pipe while its memory is copied: the final freeze
+    refuses it, after the final layout went to the target (which is dropped), and the source
+    goes on untouched."""
+    target = agent_factory("final")
+    ref, src = pair("big", "512")
+    since = time.time()
+    mark = target.mark()
+    client = subprocess.Popen(umig_cmd("migrate", src.pid, target.target(), "--live"), stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=umig_env(), cwd=REPO)
+    try:
+        target.wait_for_line(rf"^final: incoming pid {src.pid} ", 60, mark)
+        os.kill(src.pid, signal.SIGUSR1)  # 512 MiB take hundreds of milliseconds to copy
+        out, err = client.communicate(timeout=120)
+    finally:
+        if client.poll() is None:
+            client.kill()
+    line = assert_clean_failure(subprocess.CompletedProcess(client.args, client.returncode, out, err),
+                                what="umig migrate")
+    assert re.search(r"fd \d+: pipe", line), line
+    target.wait_for_line(rf"^final: pid {src.pid} failed: ", 30, mark)
+    assert_target_clean(target, since, registry, markers=[src.argv[0]], source_pid=src.pid)
     finish_and_compare(src, ref)
 
 

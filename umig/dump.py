@@ -189,17 +189,26 @@ def freeze(pid):
 def collect(frozen, hidden_fds=()):
     """The image's state section and the page runs to carry; `hidden_fds` are umig's own,
     left in the process (the live write tracker's userfaultfd) and not part of it."""
-    pid = frozen.pid
+    # Before the scratch area of the questions is there: memory is exactly the process's own.
+    section, runs = collect_memory(frozen)
+    return dict(collect_all_but_memory(frozen, hidden_fds), memory=section), runs
+
+
+def collect_memory(frozen):
+    """The memory section and the page runs to carry. A live or lazy move's final freeze sends
+    them, and the target lays them out, while the rest is collected."""
+    return memory.dump(frozen.pid, frozen.status)
+
+
+def collect_all_but_memory(frozen, hidden_fds=()):
     # Each of these asks the process its questions, then makes its section of the answers.
     with frozen.inside():
         asked = {"task": task.dump(frozen), "credentials": credentials.dump(frozen), "mm": mm.dump(frozen),
                  "signals": signals.dump(frozen)}
     state = {name: section() for name, section in asked.items()}
-    # After the scratch page is gone, so that memory is exactly the process's own.
-    state["memory"], runs = memory.dump(pid, frozen.status)
     state.update(pid=procfs.namespace_pid(frozen.status), rseq=frozen.rseq, registers=registers.dump(frozen),
-                 files=files.dump(pid, hidden_fds))
-    return state, runs
+                 files=files.dump(frozen.pid, hidden_fds))
+    return state
 
 
 def write_image(writer, frozen, state, runs, after_state=None):

@@ -19,10 +19,11 @@ from umig.errors import DamagedImage, UmigError
 
 # 2: a lazy stream has a first and a final state (version 1 had one). 3: a live stream may ask the
 # target to say when it has placed every page sent so far (sync); a lazy one has pages (and
-# syncs) between its two states.
-FORMAT_VERSION = 3
+# syncs) between its two states. 4: the final state of a live or lazy stream comes in two
+# records, its mappings (layout) and its last pages first, then the rest.
+FORMAT_VERSION = 4
 FILE_MAGIC = b"UMIGIMG\n"
-KINDS = ("header", "state", "pages", "sync", "resume", "end")
+KINDS = ("header", "state", "pages", "sync", "layout", "resume", "end")
 # A frame longer than this is a damaged length prefix, not data: batches are ~1 MiB.
 MAX_FRAME = 256 << 20
 _LENGTH = struct.Struct("<Q")
@@ -94,7 +95,7 @@ class ImageReader:
         self._seq = 0
         self._ended = False
         self._mode = None
-        self._final = False  # a live or lazy stream's second state has come
+        self._stage = None  # of a live or lazy stream: "running", then "final layout", "final state"
         self.pages = 0
         self.bytes = 0
 
@@ -108,11 +109,11 @@ class ImageReader:
         if seq != self._seq:
             raise DamagedImage(f"damaged image: record {seq} arrived where record {self._seq} belongs")
         # Live and lazy streams have a second, final state after pages sent while the process
-        # ran (and syncs among them); then a live one ends with its last pages, a lazy one says
-        # where the process resumes, and the rest of its pages follow.
-        expected = ("header",) if seq == 0 else ("state",) if seq == 1 else \
-            ("pages", "sync", "state") if self._mode in ("live", "lazy") and not self._final else \
-            ("pages", "resume") if self._mode == "lazy" else ("pages", "end")
+        # ran (and syncs among them): its layout, the last pages, the rest; then a live one
+        # ends, a lazy one says where the process resumes, and the rest of its pages follow.
+        expected = {"running": ("pages", "sync", "layout"), "final layout": ("pages", "state"),
+                    "final state": ("end",) if self._mode == "live" else ("resume",)}.get(
+                        self._stage, ("header",) if seq == 0 else ("state",) if seq == 1 else ("pages", "end"))
         if kind not in expected:
             raise DamagedImage(f"damaged image: a {kind} record where {' or '.join(expected)} belongs")
         payload = None
@@ -126,10 +127,13 @@ class ImageReader:
             check_header(meta)
         elif kind == "state" and seq == 1:
             self._mode = meta.get("mode")
+            self._stage = "running" if self._mode in ("live", "lazy") else None
+        elif kind == "layout":
+            self._stage = "final layout"
         elif kind == "state":
-            self._final = True
+            self._stage = "final state"
         elif kind == "resume":
-            self._mode = None  # once
+            self._stage = None  # the lazy pages, then the end
         elif kind == "pages":
             check_runs(meta, payload)
             self.pages += len(payload) // 4096

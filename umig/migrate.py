@@ -135,20 +135,25 @@ def _postcopy_start(frozen, state, writer, connection, phases, notice):
         _settle(writer, connection, phases, "eager pages ahead, until the target placed them")
     frozen.stop()
     working_set = frozen.tracker.written() if frozen.tracker else []
-    final, runs = dump.collect(frozen, hidden_fds=frozen.tracker.fds if frozen.tracker else ())
-    phases.mark("stop and final collect")
+    # The layout and the pages that go before the resume first: the target places them while
+    # the rest of the state is collected.
+    layout, runs = dump.collect_memory(frozen)
+    final = {"memory": layout, "rseq": frozen.rseq}
     # Pages sent ahead are eager still (only those written since go again: final_pages).
     eager, lazy_runs = postcopy.split(final, runs, memory.union(working_set, ahead))
     discard = []
     if frozen.tracker:
-        eager, discard = precopy.final_pages(state["memory"], final["memory"], working_set, eager,
+        eager, discard = precopy.final_pages(state["memory"], layout, working_set, eager,
                                              frozen.tracker.tracked, frozen.tracker.lost, ahead)
-    writer.write(image.Record("state", dict(final, mode="lazy", lazy_runs=lazy_runs, discard=discard)))
+    writer.write(image.Record("layout", {"memory": layout, "discard": discard, "lazy_runs": lazy_runs}))
     # An eager page left out would be missing, and the restorer may touch it (the rseq area)
     # before anyone serves faults.
     dump.write_pages(writer, frozen.pid, eager)
+    phases.mark("stop, final layout and eager pages")
+    hidden_fds = frozen.tracker.fds if frozen.tracker else ()
+    writer.write(image.Record("state", dump.collect_all_but_memory(frozen, hidden_fds)))
     writer.write(image.Record("resume", {"pages": sum(length for _, length in lazy_runs) // PAGE_SIZE}))
-    phases.mark("final state and eager pages")
+    phases.mark("final state")
     if frozen.tracker:
         # While the target restores: a source that must resume after all (post-copy lost, umig
         # gone) then keeps nothing of umig's.
@@ -180,13 +185,15 @@ def _precopy(frozen, state, runs, writer, connection, tracking, notice, phases):
     # The tracker stays armed: closing its userfaultfd write-unprotects every page, milliseconds
     # per GiB of the freeze, and a source released dies with it. Only a thaw disarms it.
     tracker = frozen.tracker
-    final, final_runs = dump.collect(frozen, hidden_fds=tracker.fds)
-    phases.mark("final collect")
-    send, discard = precopy.final_pages(state["memory"], final["memory"], written, final_runs, tracker.tracked,
+    # The layout and the last pages first: the target places them while the rest is collected.
+    layout, final_runs = dump.collect_memory(frozen)
+    send, discard = precopy.final_pages(state["memory"], layout, written, final_runs, tracker.tracked,
                                         tracker.lost, memory.union(sent, []))
-    writer.write(image.Record("state", dict(final, discard=discard)))
+    writer.write(image.Record("layout", {"memory": layout, "discard": discard}))
     dump.write_pages(writer, frozen.pid, send)
+    phases.mark("final layout and pages")
+    writer.write(image.Record("state", dump.collect_all_but_memory(frozen, tracker.fds)))
     writer.end()
-    phases.mark("final image")
+    phases.mark("final state")
     return {"first_freeze_s": round(first_freeze, 6), "rounds": rounds, "rounds_ended": reason,
             "tracking": tracker.method}

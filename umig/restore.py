@@ -24,14 +24,12 @@ def pid_mode(requested, pid):
     return "ns" if os.path.exists(procfs.proc_path(pid)) else "keep"
 
 
-def check_target(state, built=None):
-    """Refuse, before anything is started, what this host cannot rebuild (for a live migration's
-    final state, `built` is the first one: what it checked is not checked again). The files a
-    live or lazy migration's first state has open may still change; the final state checks them
-    whole."""
-    memory.check_target(state["memory"], built and built["memory"])
+def check_target(state, settled=True):
+    """Refuse, before anything is started, what this host cannot rebuild, but memory
+    (memory.check_target). The files a live or lazy migration's first state has open may still
+    change: that state is not `settled`, the final state checks them whole."""
     mm.check_target(state["mm"])
-    files.check_target(state["files"], settled=built is not None or state.get("mode") not in ("live", "lazy"))
+    files.check_target(state["files"], settled)
     task.check_target(state["task"])
 
 
@@ -76,7 +74,8 @@ def restore(records, requested_pid_mode="keep", on_accept=None, on_sync=lambda: 
     state = next(records).meta
     phases = Phases()
     memory.forget_file_contents()
-    check_target(state)
+    memory.check_target(state["memory"])
+    check_target(state, settled=state.get("mode") not in ("live", "lazy"))
     phases.mark("check")
     restorer = Restorer()
     restorer.start(pid_mode(requested_pid_mode, state["pid"]), state["pid"])
@@ -105,16 +104,20 @@ def restore(records, requested_pid_mode="keep", on_accept=None, on_sync=lambda: 
                     pages.write(record.meta["runs"], record.payload)
                 elif record.kind == "sync":  # every page before it is in place
                     on_sync()
-                elif record.kind == "state":  # the final state (live, lazy): the layout now, then its last pages
-                    phases.mark("until the final state (pages of live rounds)")
-                    final = record.meta
-                    check_target(final, built=state)
-                    memory.relayout(restorer, state["memory"], final["memory"], final["discard"], hole)
-                    # Out of the way of descriptors the process opened since the first state.
-                    restorer.close_fds(files.lowest_free_fd(final["files"]))
+                elif record.kind == "layout":  # the final state's (live, lazy): now, then its last pages
+                    phases.mark("until the final layout (pages sent while it ran)")
+                    layout = record.meta
+                    memory.check_target(layout["memory"], state["memory"])
+                    memory.relayout(restorer, state["memory"], layout["memory"], layout["discard"], hole)
                     restorer.sync()  # the pages that follow go into the new layout
-                    state = final
-                    phases.mark("final state: check and relayout")
+                    state = dict(state, memory=layout["memory"], lazy_runs=layout.get("lazy_runs"))
+                    phases.mark("final layout")
+                elif record.kind == "state":  # the rest of the final state
+                    check_target(record.meta)
+                    # Out of the way of descriptors the process opened since the first state.
+                    restorer.close_fds(files.lowest_free_fd(record.meta["files"]))
+                    state = dict(record.meta, memory=state["memory"], lazy_runs=state["lazy_runs"])
+                    phases.mark("final state: check")
                 elif record.kind == "resume":  # post-copy: the rest comes once the process runs
                     pages.close()  # its memory is registered anew, to be served
                     pager = postcopy.Pager(restorer, state["memory"], state["lazy_runs"])

@@ -3,9 +3,11 @@
  *
  *   big TRIGGER DIR MIB
  *
- * Phase 2 checks every page and prints a checksum of the page tags.
+ * Phase 2 checks every page and prints a checksum of the page tags. On SIGUSR1 it opens a pipe
+ * and keeps it: a descriptor umig does not move, opened while a live move copies its memory.
  */
 #define _GNU_SOURCE
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -23,6 +25,14 @@ static void wait_trigger(const char *path)
 		nanosleep(&ts, NULL);
 }
 
+static void open_a_pipe(int sig)
+{
+	int fds[2];
+	(void)sig;
+	if (pipe(fds) != 0)
+		_exit(3);
+}
+
 static uint64_t tag(size_t pg)
 {
 	uint64_t x = pg * 0x9E3779B97F4A7C15ULL + 77;
@@ -36,6 +46,7 @@ int main(int argc, char **argv)
 		fprintf(stderr, "usage: big TRIGGER DIR MIB\n");
 		return 2;
 	}
+	signal(SIGUSR1, open_a_pipe);
 	size_t len = strtoul(argv[3], NULL, 0) << 20;
 	uint8_t *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
 	if (p == MAP_FAILED) {
