@@ -4,7 +4,8 @@ alone with umig's own code paths, and the end-to-end rate those stages allow tog
 
 A page is read from the frozen process (process_vm_readv), hashed (xxh3, every record is),
 carried over loopback TCP by ZeroMQ (a send and a receive: two kernel copies and the I/O
-threads), and placed in the restored process (UFFDIO_COPY). The stages overlap in a pipeline,
+threads), hashed again (the target verifies every record) and placed in the restored process
+(UFFDIO_COPY). The stages overlap in a pipeline,
 so with enough cores the slowest stage sets the pace; with C cores the CPU time of all of them
 shares the C cores, so no pipeline can beat  max(slowest stage, CPU time of all stages / C).
 
@@ -153,8 +154,9 @@ def main(argv=None):
         try:
             full, empty, fd = map(int, holder.stdout.readline().split())
             times = {"read the process's memory": read_stage(holder.pid, full, size),
-                     "xxh3 digest": hash_stage(data),
+                     "xxh3 digest by the source": hash_stage(data),
                      "ZeroMQ over loopback TCP": network_stage(data),
+                     "xxh3 digest, the target's check": hash_stage(data),
                      "UFFDIO_COPY into the process": place_stage(holder.pid, empty, fd, data)}
         finally:
             holder.kill()

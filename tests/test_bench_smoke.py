@@ -50,6 +50,7 @@ def test_bounds_measures_every_stage():
                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120,
                          env=umig_env(), cwd=REPO)
     assert res.returncode == 0, f"stdout:\n{res.stdout}\nstderr:\n{res.stderr}"
-    for stage in ("read the process's memory", "xxh3 digest", "ZeroMQ over loopback TCP", "UFFDIO_COPY into the process"):
+    for stage in ("read the process's memory", "xxh3 digest by the source", "ZeroMQ over loopback TCP",
+                  "xxh3 digest, the target's check", "UFFDIO_COPY into the process"):
         assert stage in res.stdout
     assert "bound for a pipeline on" in res.stdout
