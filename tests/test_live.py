@@ -102,6 +102,15 @@ def test_a_file_it_writes_grows_while_the_target_prepares(agent, registry, c_mak
 
 
 @pytest.mark.parametrize("mode", ["live", "lazy"])
+def test_a_file_it_writes_through_a_shared_mapping_changes_meanwhile(agent, registry, c_make, mode):
+    """A file mapped shared and written back every millisecond changes its mtime while the
+    target looks at the first state: the final state's check, of the frozen process, is the
+    one that counts for its size and times, as for the files it has open."""
+    wl, _, _ = migrate_and_compare(agent, registry, c_make("mapwriter"), extra=(f"--{mode}",))
+    assert "mapped counter: the last one stored" in wl.stdout()
+
+
+@pytest.mark.parametrize("mode", ["live", "lazy"])
 def test_mapping_replaced_during_the_copy(agent, registry, c_make, mode):
     """A mapping unmapped and mapped again, new contents each time, while memory is copied: the
     tracker loses it (pre-copy) or hears it go (post-copy), and it arrives whole and current."""

@@ -74,8 +74,9 @@ def restore(records, requested_pid_mode="keep", on_accept=None, on_sync=lambda: 
     state = next(records).meta
     phases = Phases()
     memory.forget_file_contents()
-    memory.check_target(state["memory"])
-    check_target(state, settled=state.get("mode") not in ("live", "lazy"))
+    settled = state.get("mode") not in ("live", "lazy")
+    memory.check_target(state["memory"], settled=settled)
+    check_target(state, settled)
     phases.mark("check")
     restorer = Restorer()
     restorer.start(pid_mode(requested_pid_mode, state["pid"]), state["pid"])
@@ -107,7 +108,7 @@ def restore(records, requested_pid_mode="keep", on_accept=None, on_sync=lambda: 
                 elif record.kind == "layout":  # the final state's (live, lazy): now, then its last pages
                     phases.mark("until the final layout (pages sent while it ran)")
                     layout = record.meta
-                    memory.check_target(layout["memory"], state["memory"])
+                    memory.check_target(layout["memory"], final=True)
                     memory.relayout(restorer, state["memory"], layout["memory"], layout["discard"], hole)
                     restorer.sync()  # the pages that follow go into the new layout
                     state = dict(state, memory=layout["memory"], lazy_runs=layout.get("lazy_runs"))

@@ -589,13 +589,14 @@ def vdso_layout(parts):
     return [(path, start - parts[0][1], end - start) for path, start, end in parts]
 
 
-def check_target(section, checked=None):
-    """Refuse an image this host cannot rebuild: another vDSO, or files that changed (except
-    those of `checked`, a section already checked)."""
-    if checked:
+def check_target(section, final=False, settled=True):
+    """Refuse an image this host cannot rebuild: another vDSO, or files that changed. A live or
+    lazy move's first state is not `settled` (the process runs on, and may write a file it maps
+    shared: its size and times change); its `final` layout checks every file whole, and not the
+    vDSO again."""
+    if final:
         for path, identity in section["files"].items():
-            if checked["files"].get(path) != identity:
-                check_identity(path, identity, "mapped file")
+            check_identity(path, identity, "mapped file")
         return
     image_vdso = [m for m in section["mappings"] if m["kind"] == "vdso"]
     image_layout = vdso_layout([(m["path"], m["start"], m["end"]) for m in image_vdso])
@@ -610,7 +611,7 @@ def check_target(section, checked=None):
             raise UmigError(f"the target kernel's {mapping['path']} differs from the source's "
                             "(another kernel build): the process holds pointers into it")
     for path, identity in section["files"].items():
-        check_identity(path, identity, "mapped file")
+        check_identity(path, identity, "mapped file", settled)
 
 
 def find_hole(section, restorer_entries, size):
