@@ -1,16 +1,21 @@
 """Images on disk: `umig show` tells the truth about the process dumped, `dump --leave-running`
 leaves it undisturbed, `dump` + `restore` round trips keep every kind of state, and a restore
 refuses files that changed since the dump."""
+import errno
 import json
 import os
 import re
 import shutil
+import signal
+import subprocess
 import time
 
 import pytest
 
 from conftest import (assert_clean_failure, assert_maps_equal, assert_no_leftovers, assert_same_output, c_workload,
-                      nspid, parse_maps, read_maps, reference_run, run_umig, wait_gone, write_input_text)
+                      nspid, parse_maps, proc_state, read_maps, reference_run, run_umig, wait_gone, wait_until,
+                      write_input_text)
+from umig import dump as umig_dump, image as umig_image
 
 
 def hex_in(value, text):
@@ -191,3 +196,45 @@ def test_restore_refuses_changed_mapped_file(workloads, registry, tmp_path):
     wl.fire()
     wait_gone(info["target_pid"], 60, "restored process")
     assert_same_output(wl, ref)
+
+
+def test_a_signal_pending_in_the_image_interrupts_as_it_would_have(registry, tmp_path):
+    """A signal that came while the process was frozen in pause() travels in the image, pending:
+    where it is restored its handler runs and pause() returns EINTR, as without umig (a
+    restarted pause() would wait for ever)."""
+    source = tmp_path / "pauser.c"
+    source.write_text(r"""
+#include <errno.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+static void handle(int sig) { (void)sig; write(1, "handled\n", 8); }
+int main(void) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = handle;
+    sigaction(SIGUSR1, &sa, NULL);
+    printf("ready\n"); fflush(stdout);
+    int r = pause();
+    printf("pause returned %d errno=%d\n", r, errno);
+    return 0;
+}
+""")
+    subprocess.run(["gcc", "-O2", "-o", tmp_path / "pauser", source], check=True)
+    out, img = tmp_path / "out.txt", tmp_path / "pauser.img"
+    with open(out, "w") as f:
+        child = subprocess.Popen([tmp_path / "pauser"], stdin=subprocess.DEVNULL, stdout=f, stderr=f)
+    registry.remember(child.pid)
+    wait_until(lambda: out.read_text() == "ready\n" and proc_state(child.pid) == "S", 10, "the pauser to pause")
+    frozen = umig_dump.freeze(child.pid)
+    os.kill(child.pid, signal.SIGUSR1)  # held pending while it is frozen
+    sink = umig_image.FileSink(img)
+    state, runs = umig_dump.collect(frozen)
+    umig_dump.write_image(umig_image.ImageWriter(sink), frozen, state, runs)
+    sink.commit()
+    frozen.release()
+    child.wait()
+    registry.remember(restore(img)["target_pid"])
+    wait_until(lambda: "pause returned" in out.read_text(), 10, "pause() to return")
+    assert out.read_text() == f"ready\nhandled\npause returned -1 errno={errno.EINTR}\n"

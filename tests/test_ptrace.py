@@ -209,12 +209,22 @@ int main(void) {
 }
 """,
     # Reads one chunk from stdin and reports it.
+    # argv[1] == "handle": SIGUSR1 has a handler, without SA_RESTART.
     "reader": r"""
 #include <errno.h>
+#include <signal.h>
 #include <stdio.h>
+#include <string.h>
 #include <unistd.h>
-int main(void) {
+static void handle(int sig) { (void)sig; }
+int main(int argc, char **argv) {
     char buf[64];
+    if (argc > 1 && strcmp(argv[1], "handle") == 0) {
+        struct sigaction sa;
+        memset(&sa, 0, sizeof sa);
+        sa.sa_handler = handle;
+        sigaction(SIGUSR1, &sa, NULL);
+    }
     printf("reading\n"); fflush(stdout);
     ssize_t n = read(0, buf, sizeof buf);
     int e = errno;
@@ -834,6 +844,32 @@ def test_read_on_pipe_restarts_after_remote_syscall(spawn, bins):
     proc.send(b"hello")
     assert proc.line() == "n=5 errno=0 data=hello"
     assert proc.finish() == 0
+
+
+@pytest.mark.parametrize("handled", [True, False])
+def test_a_signal_pending_after_remote_syscalls_interrupts_as_it_would_have(spawn, bins, handled):
+    """A signal sent while the thread is frozen in read() is delivered when it runs on: with a
+    handler without SA_RESTART, read() fails with EINTR, as it would have without umig; without
+    a handler (SIGWINCH is ignored) it reads on. Remote syscalls in between must not change that."""
+    proc = spawn([bins["reader"], "handle"])
+    assert proc.line() == "reading"
+    wait_until_blocked(proc.pid)
+    with tracee(spawn, proc.pid).freeze() as t:
+        os.kill(proc.pid, signal.SIGUSR1 if handled else signal.SIGWINCH)
+        assert t.syscall(NR_GETPID) == proc.pid
+    if handled:
+        assert proc.line() == f"n=-1 errno={errno.EINTR} data="
+    else:
+        time.sleep(0.05)
+        proc.send(b"hello")
+        assert proc.line() == "n=5 errno=0 data=hello"
+    assert proc.finish() == 0
+
+
+def test_restart_registers_with_a_signal_coming_leaves_them_to_the_kernel():
+    regs = Registers()
+    regs.orig_rax, regs.rax, regs.rip = 0, -ERESTARTSYS, 0x1002
+    assert restart_registers(regs, restart_block_valid=False, signal_coming=True) == regs
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -17,7 +17,9 @@ the injected registers), and once an injected syscall has run, the thread no lon
 signal path: it sits at the injected syscall's exit stop, where the kernel will not look at
 -ERESTART* again. Writing the saved registers back verbatim would therefore hand -512 (or -516)
 to the program as the result of its read or nanosleep. ``restart_registers()`` applies the kernel's
-restart decision by hand, and a syscall session applies it when it puts the registers back.
+restart decision by hand, and a syscall session applies it when it puts the registers back, unless
+a signal is about to be delivered: then the thread takes the signal path on its way out, and the
+kernel decides (-EINTR for a handler without SA_RESTART) as it would have.
 (PTRACE_DETACH happens to wake the thread through the signal path once more, which hides the
 problem; PTRACE_CONT and PTRACE_SYSCALL do not. Nothing here relies on the former.)
 """
@@ -100,6 +102,8 @@ SIGINFO_SIZE = 128
 SIGSET_SIZE = 8
 # A sigset with every bit set; the kernel silently keeps SIGKILL and SIGSTOP unblocked.
 ALL_SIGNALS = (1 << 64) - 1
+_JOB_CONTROL = sum(1 << (s - 1) for s in (signal.SIGCONT, signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN,
+                                          signal.SIGTTOU))
 
 # Big enough for every xsave layout seen so far (AVX-512 + AMX tiles is about 11 KiB); the kernel
 # says how much it filled, and the buffer grows if it ever fills one completely.
@@ -219,7 +223,7 @@ class Registers:
         return f"Registers({shown})"
 
 
-def restart_registers(regs, *, restart_block_valid):
+def restart_registers(regs, *, restart_block_valid, signal_coming=False):
     """The registers as the kernel leaves them when a stop inside an interrupted syscall ends with no
     signal delivered (arch/x86 signal code): -ERESTARTSYS/-ERESTARTNOINTR/-ERESTARTNOHAND re-run the
     syscall; -ERESTART_RESTARTBLOCK runs restart_syscall, which only makes sense while the kernel
@@ -227,11 +231,12 @@ def restart_registers(regs, *, restart_block_valid):
     handler had run. ``orig_rax`` becomes -1 so that no later pass applies the restart twice.
     Anything else comes back unchanged (as a copy).
 
-    One approximation: a signal whose handler runs as the thread leaves the stop no longer turns
-    -ERESTARTSYS into -EINTR for handlers without SA_RESTART; the syscall is re-run after it.
+    With a signal ``signal_coming`` (Tracee.signal_coming) they come back unchanged too: the thread
+    takes the signal path as it leaves whatever stop it is in, and the kernel decides there, as
+    it would have (-EINTR where a handler without SA_RESTART runs, a restart where none does).
     """
     out = regs.copy()
-    if regs.signed("orig_rax") < 0:
+    if regs.signed("orig_rax") < 0 or signal_coming:
         return out
     result = regs.signed("rax")
     if result in (-ERESTARTSYS, -ERESTARTNOINTR, -ERESTARTNOHAND):
@@ -682,6 +687,18 @@ class Tracee:
             if n < batch:
                 return out
 
+    def pending_signals_mask(self):
+        """Every signal pending for the thread or the process (bit n-1 for signal n). /proc, not
+        PTRACE_PEEKSIGINFO: past the queue's limit a signal is pending without a record to peek."""
+        status = procfs.status(self.pid)
+        return int(status["SigPnd"], 16) | int(status["ShdPnd"], 16)
+
+    def signal_coming(self, mask):
+        """Whether a signal will be delivered as the stopped thread runs on with blocked-signal
+        `mask`. Job control's signals do not count: a SIGCONT sent meanwhile discards a pending stop
+        signal (and a stop signal a pending SIGCONT), and the thread would leave without one."""
+        return bool(self.pending_signals_mask() & ~mask & ~_JOB_CONTROL)
+
     def get_siginfo(self):
         """The siginfo of the current signal-delivery-stop or event stop (PTRACE_GETSIGINFO)."""
         buf = ctypes.create_string_buffer(SIGINFO_SIZE)
@@ -842,7 +859,8 @@ class Tracee:
             raise TraceError(-result if result < 0 else errno.EINVAL,
                              f"munmap of the restorer in pid {self.pid} failed: "
                              f"{_errno_text(result) if result < 0 else result}")
-        self.set_registers(restart_registers(final_regs, restart_block_valid=False))
+        self.set_registers(restart_registers(final_regs, restart_block_valid=False,
+                                             signal_coming=self.signal_coming(sigmask)))
         self.set_xstate(xstate)
         self.set_sigmask(sigmask)
 
@@ -933,7 +951,8 @@ class SyscallSession:
             if t.stopped:
                 regs = self._saved_regs
                 if self._ran and self._fix_restart:
-                    regs = restart_registers(regs, restart_block_valid=True)
+                    regs = restart_registers(regs, restart_block_valid=True,
+                                             signal_coming=t.signal_coming(self._saved_mask))
                 t.set_registers(regs)
                 t.set_sigmask(self._saved_mask)
         except TraceError:
@@ -1083,10 +1102,7 @@ class SyscallSession:
             buffer.data = answers[at - results:at - results + len(buffer.data)]
 
     def _pending(self, signo):
-        """Whether signo is pending for the thread or the process. /proc, not PTRACE_PEEKSIGINFO:
-        past the queue's limit a signal is pending without a record to peek."""
-        status = procfs.status(self.tracee.pid)
-        return any(int(status[name], 16) & 1 << (signo - 1) for name in ("SigPnd", "ShdPnd"))
+        return bool(self.tracee.pending_signals_mask() & 1 << (signo - 1))
 
     def _run_code(self, start, end):
         """Run the tracee from `start` until it stops itself with rip at `end`. Returns whether
