@@ -188,15 +188,20 @@ int main(void) {
 }
 """,
     # Waits in sigsuspend with nothing blocked while SIGUSR1 is blocked outside it.
+    # argv[1] == "hold": SIGUSR2 has a handler too, and sigsuspend's own mask blocks it.
     "suspender": r"""
 #include <errno.h>
 #include <signal.h>
 #include <stdio.h>
 static void on_usr1(int sig) { (void)sig; }
-int main(void) {
+static volatile sig_atomic_t usr2;
+static void on_usr2(int sig) { (void)sig; usr2++; }
+int main(int argc, char **argv) {
     signal(SIGUSR1, on_usr1);
+    signal(SIGUSR2, on_usr2);
     sigset_t usr1, none, cur;
     sigemptyset(&usr1); sigaddset(&usr1, SIGUSR1); sigemptyset(&none);
+    if (argc > 1) sigaddset(&none, SIGUSR2);
     sigprocmask(SIG_BLOCK, &usr1, 0);
     printf("suspending\n"); fflush(stdout);
     int r = sigsuspend(&none);
@@ -204,7 +209,8 @@ int main(void) {
     sigprocmask(SIG_BLOCK, 0, &cur);
     unsigned long m = 0;
     for (int s = 1; s <= 64; s++) if (sigismember(&cur, s)) m |= 1UL << (s - 1);
-    printf("r=%d errno=%d mask=%lx\n", r, e, m);
+    if (argc > 1) printf("r=%d errno=%d mask=%lx usr2=%d\n", r, e, m, (int)usr2);
+    else printf("r=%d errno=%d mask=%lx\n", r, e, m);
     return 0;
 }
 """,
@@ -732,6 +738,23 @@ def test_sigsuspend_keeps_its_mask_across_remote_syscalls(spawn, bins):
     assert proc.finish() == 0
 
 
+def test_sigsuspend_holds_a_signal_only_its_own_mask_blocks(spawn, bins):
+    """A signal pending after remote syscalls that sigsuspend's temporary mask blocks (its normal
+    mask lets it through) waits, as it would have, until the call returns: SIGUSR1 ends it, then
+    the handler of the pending one runs."""
+    proc = spawn([bins["suspender"], "hold"])
+    assert proc.line() == "suspending"
+    wait_until_blocked(proc.pid)
+    with tracee(spawn, proc.pid).freeze() as t:
+        os.kill(proc.pid, signal.SIGUSR2)
+        assert t.syscall(NR_GETPID) == proc.pid
+    time.sleep(0.1)
+    assert proc.p.poll() is None, "still suspended"
+    os.kill(proc.pid, signal.SIGUSR1)
+    assert proc.line() == f"r=-1 errno={errno.EINTR} mask={bit(signal.SIGUSR1):x} usr2=1"
+    assert proc.finish() == 0
+
+
 def test_rseq_configuration(spawn, bins):
     proc = spawn([bins["reader"]])
     proc.line()
@@ -870,6 +893,10 @@ def test_restart_registers_with_a_signal_coming_leaves_them_to_the_kernel():
     regs = Registers()
     regs.orig_rax, regs.rax, regs.rip = 0, -ERESTARTSYS, 0x1002
     assert restart_registers(regs, restart_block_valid=False, signal_coming=True) == regs
+    # but a call that waits with a mask of its own is re-run, to install that mask again
+    regs.orig_rax, regs.rax = NR_RT_SIGSUSPEND, -ERESTARTNOHAND
+    out = restart_registers(regs, restart_block_valid=False, signal_coming=True)
+    assert (out.rax, out.rip, out.signed("orig_rax")) == (NR_RT_SIGSUSPEND, 0x1000, -1)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -90,6 +90,9 @@ ERESTARTNOINTR = 513
 ERESTARTNOHAND = 514
 ERESTART_RESTARTBLOCK = 516
 NR_restart_syscall = 219
+# The calls that wait with a signal mask of their own: rt_sigsuspend, pselect6, ppoll, epoll_pwait,
+# io_pgetevents, epoll_pwait2.
+_WAITS_WITH_A_MASK = (130, 270, 271, 281, 333, 441)
 
 NR_READ = 0
 NR_MMAP = 9
@@ -234,9 +237,12 @@ def restart_registers(regs, *, restart_block_valid, signal_coming=False):
     With a signal ``signal_coming`` (Tracee.signal_coming) they come back unchanged too: the thread
     takes the signal path as it leaves whatever stop it is in, and the kernel decides there, as
     it would have (-EINTR where a handler without SA_RESTART runs, a restart where none does).
+    Not for a call that waits with a signal mask of its own (sigsuspend, ppoll, ...): the mask
+    ptrace shows is the one it restores afterwards, a signal only its own mask blocks would be
+    delivered; re-run, it installs its mask again and takes the signal as it would have.
     """
     out = regs.copy()
-    if regs.signed("orig_rax") < 0 or signal_coming:
+    if regs.signed("orig_rax") < 0 or (signal_coming and regs.orig_rax not in _WAITS_WITH_A_MASK):
         return out
     result = regs.signed("rax")
     if result in (-ERESTARTSYS, -ERESTARTNOINTR, -ERESTARTNOHAND):
@@ -897,7 +903,8 @@ class SyscallSession:
 
     On close the thread is left at the exit stop of the last injected syscall with its original
     registers and mask, except that an interrupted syscall has its restart applied
-    (restart_registers with restart_block_valid=True): see the module docstring.
+    (restart_registers with restart_block_valid=True), unless a signal is coming to decide it:
+    see the module docstring.
     """
 
     def __init__(self, tracee):

@@ -3,8 +3,9 @@ xsave area (NT_X86_XSTATE) with the feature mask it was saved under.
 
 The raw bytes are the truth in the image. On restore the agent installs them through ptrace at the
 restorer's last syscall; a process frozen inside a blocking syscall resumes as the kernel would
-after a signal that has no handler: restarted, or -EINTR for restart-block syscalls (nanosleep),
-whose restart state stayed in the source kernel.
+after a signal that has no handler (restarted, or -EINTR for restart-block syscalls such as
+nanosleep, whose restart state stayed in the source kernel), or, when a signal it had pending
+is delivered as it resumes, as the kernel decides then (ptrace.restart_registers).
 """
 from ptrace.syscall.names import SYSCALL_NAMES
 
