@@ -129,14 +129,14 @@ def test_source_refuses_its_final_state(pair, agent_factory, registry):
     refuses it, after the final layout went to the target (which is dropped), and the source
     goes on untouched."""
     target = agent_factory("final")
-    ref, src = pair("big", "512")
+    ref, src = pair("big", "1024")
     since = time.time()
     mark = target.mark()
     client = subprocess.Popen(umig_cmd("migrate", src.pid, target.target(), "--live"), stdin=subprocess.DEVNULL,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=umig_env(), cwd=REPO)
     try:
         target.wait_for_line(rf"^final: incoming pid {src.pid} ", 60, mark)
-        os.kill(src.pid, signal.SIGUSR1)  # 512 MiB take hundreds of milliseconds to copy
+        os.kill(src.pid, signal.SIGUSR1)  # a GiB takes most of a second to copy: the pipe comes first
         out, err = client.communicate(timeout=120)
     finally:
         if client.poll() is None:

@@ -10,11 +10,14 @@ import re
 import select
 import signal
 import subprocess
+import sys
 
 import pytest
 
-from conftest import assert_maps_equal, c_workload, migrate, read_maps, umig_cmd, umig_env, write_input_text
-from umig import dump, precopy
+from conftest import (assert_maps_equal, c_workload, migrate, proc_state, read_maps, umig_cmd, umig_env, wait_until,
+                      write_input_text)
+from umig import dump, precopy, procfs
+from umig.errors import Refused
 from umig.state import memory
 from test_migrate import c_make, migrate_and_compare  # noqa: F401  (fixture)
 
@@ -212,3 +215,84 @@ int main(void) {
     finally:
         child.kill()
         child.wait()
+
+
+# A tracer other than umig: seizes the pid it is given, says so, and holds it until killed.
+FOREIGN_TRACER = "import ctypes, sys, time; print(ctypes.CDLL(None).ptrace(0x4206, int(sys.argv[1]), 0, 0), flush=True); " \
+                 "time.sleep(60)"
+
+
+def _frozen_then_running(registry, tracked=True):
+    """A process frozen once (with a write tracker armed if `tracked`), then running on untraced
+    between the freezes."""
+    child = subprocess.Popen(["sleep", "100"])
+    registry.remember(child.pid)
+    frozen = dump.freeze(child.pid)
+    if tracked:
+        section, _ = memory.dump(child.pid, frozen.status)
+        frozen.tracker = precopy.WriteTracker(frozen, section)
+        frozen.tracker.start()
+    frozen.run()
+    return child, frozen
+
+
+def test_a_tracer_that_takes_it_between_the_freezes(registry):
+    """A debugger that takes the process while it runs between the freezes: the final freeze is
+    refused, naming it, and the write tracker's registrations are undone from outside (its
+    descriptor stays, registered to nothing): nothing of umig's watches the process."""
+    child, frozen = _frozen_then_running(registry)
+    foreign = subprocess.Popen([sys.executable, "-c", FOREIGN_TRACER, str(child.pid)], stdout=subprocess.PIPE,
+                               text=True)
+    try:
+        assert foreign.stdout.readline().strip() == "0"
+        with pytest.raises(Refused, match=rf"pid {child.pid} is traced by pid {foreign.pid}"):
+            frozen.stop()
+        frozen.thaw()
+        assert not [start for start, flags in procfs.smaps(child.pid).items() if "uw" in flags]
+    finally:
+        foreign.kill()
+        foreign.wait()
+    wait_until(lambda: proc_state(child.pid) == "S" and procfs.status(child.pid)["TracerPid"] == "0", 10,
+               "the process to run on untraced")
+
+
+def test_a_pid_taken_by_another_process_between_the_freezes(registry):
+    """The process exits between the freezes and its pid goes to another: the final freeze
+    refuses, and leaves that other process alone."""
+    child, frozen = _frozen_then_running(registry, tracked=False)
+    child.kill()
+    child.wait()
+    stranger = None
+    for _ in range(50):  # another process may take the pid first: try again
+        with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+            f.write(str(child.pid - 1))
+        stranger = subprocess.Popen(["sleep", "100"])
+        registry.remember(stranger.pid)
+        if stranger.pid == child.pid:
+            break
+        stranger.kill()
+        stranger.wait()
+    assert stranger.pid == child.pid, "could not give the pid to another process"
+    try:
+        with pytest.raises(Refused, match=rf"pid {child.pid} exited while umig copied it"):
+            frozen.stop()
+        frozen.thaw()
+        assert procfs.status(stranger.pid)["TracerPid"] == "0" and stranger.poll() is None
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+
+def test_stopped_by_job_control_between_the_freezes(registry):
+    """A process stopped (SIGSTOP) between the freezes is refused, as before a first freeze, and
+    stays stopped, untraced, until continued."""
+    child, frozen = _frozen_then_running(registry, tracked=False)
+    os.kill(child.pid, signal.SIGSTOP)
+    wait_until(lambda: proc_state(child.pid) == "T", 10, "the process to stop")
+    with pytest.raises(Refused, match=r"is stopped \(job control\)"):
+        frozen.stop()
+    # Detached, it passes through the signal path once more on its way back to its stop.
+    wait_until(lambda: proc_state(child.pid) == "T" and procfs.status(child.pid)["TracerPid"] == "0", 10,
+               "the process to stay stopped, untraced")
+    os.kill(child.pid, signal.SIGCONT)
+    wait_until(lambda: proc_state(child.pid) == "S", 10, "the process to go on")

@@ -6,6 +6,7 @@ syscalls, and written as header, state, page batches and end.
 """
 import contextlib
 import os
+import select
 import time
 
 from umig import image, procfs
@@ -56,22 +57,42 @@ class Frozen:
         self.pid = pid
         self.tracee = Tracee(pid)
         self.session = self.tracker = None
+        self._pidfd = None  # the process itself, opened at the first freeze: its pid may be reused
 
     def _seize(self):
+        """Trace it (again, after run()): the process first frozen, not one that took its pid
+        after it exited while it ran untraced."""
+        if self._pidfd is not None and self._gone():
+            raise Refused(f"pid {self.pid} exited while umig copied it")
         try:
             self.tracee.seize()
         except UmigError as e:
             # The kernel refuses to trace a process that is exiting (EPERM, not ESRCH): say so.
             if _exited(self.pid):
                 raise Refused(f"pid {self.pid} exited before umig could freeze it") from None
+            tracer = _tracer(self.pid)
+            if tracer:
+                raise Refused(f"pid {self.pid} is traced by pid {tracer} (a debugger?), which took it while "
+                              "umig copied it") from None
             raise e
+        if self._pidfd is None:
+            self._pidfd = os.pidfd_open(self.pid)
+        elif self._gone():
+            self.tracee.detach()
+            raise Refused(f"pid {self.pid} exited while umig copied it")
+
+    def _gone(self):
+        """Whether the process first frozen has exited (its pidfd turns readable then)."""
+        return bool(select.select([self._pidfd], [], [], 0)[0])
 
     def stop(self):
         """Hold it still and take its CPU state (again, after run())."""
         self.stopped_at = time.monotonic()  # where its frozen time begins
         self._seize()
-        self.tracee.interrupt()
+        stop = self.tracee.interrupt()
         try:
+            if stop.group_stop:
+                raise Refused(f"pid {self.pid} is stopped (job control): continue it first")
             # It may have started a thread or a child since it was checked.
             # Read once for the whole stop: what the state's sections take from it (credentials,
             # umask, handled signals, page tables, PIDs) cannot change while the process is held.
@@ -98,7 +119,8 @@ class Frozen:
         """Let it run on, untraced, until stop() (live migration copies memory meanwhile): a
         signal that comes to a traced process holds it in a signal-delivery-stop until its tracer
         looks, which umig does only at the next stop. It may start a thread or a child
-        meanwhile, or exit: stop() refuses to go on then."""
+        meanwhile, exit, be stopped by job control or traced by another: stop() refuses to go on
+        then."""
         self.tracee.detach()
 
     @contextlib.contextmanager
@@ -147,22 +169,40 @@ class Frozen:
         try:
             if self.tracker is not None:
                 self.tracker, tracker = None, self.tracker
-                if not self.tracee.attached:
+                if not self.tracee.attached and tracker.fds:
                     try:
                         self._seize()
                     except Refused:
-                        tracker.forget()  # it has exited: its userfaultfd went with it
+                        # Exited (its userfaultfd went with it) or traced by another, which holds
+                        # it: its registrations are undone from outside then.
+                        tracker.abandon()
                         return
-                self.tracee.interrupt()
+                if self.tracee.attached:
+                    self.tracee.interrupt()
                 tracker.disarm()
         finally:
             self.tracee.detach()
+            self._close_pidfd()
 
     def release(self):
         """The process lives elsewhere now: end this copy (with its write tracker, if armed)."""
         self.tracee.kill()
         if self.tracker is not None:
             self.tracker.forget()
+        self._close_pidfd()
+
+    def _close_pidfd(self):
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
+
+
+def _tracer(pid):
+    """The pid tracing pid, or 0."""
+    try:
+        return int(procfs.status(pid)["TracerPid"])
+    except UmigError:
+        return 0
 
 
 def _exited(pid):

@@ -25,6 +25,7 @@ import xxhash
 from umig import procfs
 from umig.errors import UmigError
 from umig.ptrace import Buffer, Call
+from umig.restorer import take_fd
 from umig.state import memory
 
 SYS_IOCTL, SYS_USERFAULTFD, SYS_FCNTL, SYS_CLOSE = 16, 323, 72, 3
@@ -33,6 +34,7 @@ UFFD_API = 0xAA
 UFFD_FEATURE_WP_UNPOPULATED, UFFD_FEATURE_WP_ASYNC = 1 << 13, 1 << 15
 UFFDIO_API = 0xC018AA3F  # _IOWR(0xAA, 0x3F, struct uffdio_api)
 UFFDIO_REGISTER_MODE_WP = 1 << 1
+UFFDIO_UNREGISTER = 0x8010AA01  # _IOR(0xAA, 0x01, struct uffdio_range)
 F_DUPFD_CLOEXEC = 1030
 PM_SCAN_WP_MATCHING, PM_SCAN_CHECK_WPASYNC = 1 << 0, 1 << 1
 PAGE_IS_WRITTEN = 1 << 1
@@ -158,6 +160,23 @@ class WriteTracker:
         """The process has ended, its userfaultfd with it: only our side to close."""
         os.close(self._pagemap)
 
+    def abandon(self):
+        """Undo its registrations from outside, through a copy of its userfaultfd
+        (pidfd_getfd): the process cannot be stopped to close it (another tracer holds it).
+        The descriptor stays in the process, registered to nothing. One that has exited took
+        it along."""
+        try:
+            fd = take_fd(self.frozen.pid, self.fd)
+        except (UmigError, OSError):
+            return self.forget()
+        try:
+            for start, end in _neighbourhoods(self.mappings, self.tracked):
+                # Registering and unregistering act on the process the userfaultfd belongs to.
+                memory.uffd_ioctl(fd, UFFDIO_UNREGISTER, struct.pack("<QQ", start, end - start))
+        finally:
+            os.close(fd)
+            self.forget()
+
 
 class HashTracker:
     """Without userfaultfd write-protect: a hash of every page as it was sent, and each round
@@ -196,7 +215,7 @@ class HashTracker:
     def disarm(self):
         """Nothing was put inside the process."""
 
-    forget = disarm
+    forget = abandon = disarm
 
 
 def _neighbourhoods(mappings, tracked):

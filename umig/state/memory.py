@@ -746,14 +746,21 @@ def userfaultfd(restorer, ranges, features):
     fd = restorer.userfaultfd(features)
     try:
         for start, length in ranges:
-            register = struct.pack("<QQQQ", start, length, UFFDIO_REGISTER_MODE_MISSING, 0)
-            if _libc.ioctl(fd, ctypes.c_ulong(UFFDIO_REGISTER), ctypes.create_string_buffer(register, 32)) < 0:
+            err = uffd_ioctl(fd, UFFDIO_REGISTER, struct.pack("<QQQQ", start, length, UFFDIO_REGISTER_MODE_MISSING, 0))
+            if err:
                 raise UmigError(f"UFFDIO_REGISTER of [{start:#x}, {start + length:#x}) in pid {restorer.pid} "
-                                f"failed: {os.strerror(ctypes.get_errno())}")
+                                f"failed: {os.strerror(err)}")
     except BaseException:
         os.close(fd)
         raise
     return fd
+
+
+def uffd_ioctl(fd, request, argument):
+    """An ioctl of a userfaultfd whose struct is the bytes `argument`: 0, or the errno."""
+    if _libc.ioctl(fd, ctypes.c_ulong(request), ctypes.create_string_buffer(argument, len(argument))) < 0:
+        return ctypes.get_errno()
+    return 0
 
 
 class _UffdioCopy(ctypes.Structure):
