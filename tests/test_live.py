@@ -222,11 +222,12 @@ FOREIGN_TRACER = "import ctypes, sys, time; print(ctypes.CDLL(None).ptrace(0x420
                  "time.sleep(60)"
 
 
-def _frozen_then_running(registry, tracked=True):
+def _frozen_then_running(registry, tracked=True, argv=("sleep", "100")):
     """A process frozen once (with a write tracker armed if `tracked`), then running on untraced
     between the freezes."""
-    child = subprocess.Popen(["sleep", "100"])
+    child = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     registry.remember(child.pid)
+    wait_until(lambda: proc_state(child.pid) == "S", 10, "it to wait")
     frozen = dump.freeze(child.pid)
     if tracked:
         section, _ = memory.dump(child.pid, frozen.status)
@@ -240,7 +241,38 @@ def test_a_tracer_that_takes_it_between_the_freezes(registry):
     """A debugger that takes the process while it runs between the freezes: the final freeze is
     refused, naming it, and the write tracker's registrations are undone from outside (its
     descriptor stays, registered to nothing): nothing of umig's watches the process."""
-    child, frozen = _frozen_then_running(registry)
+    _refused_for_a_foreign_tracer(*_frozen_then_running(registry))
+
+
+def test_a_tracer_that_takes_it_after_it_mapped_a_shared_file_among_watched_mappings(registry, tmp_path):
+    """As above, where the process has mapped meanwhile a shared file (which userfaultfd does not
+    take) between two mappings the tracker registered together: each is unregistered alone."""
+    source, data = tmp_path / "sharer.c", tmp_path / "data"
+    data.write_bytes(b"x" * 4096)
+    source.write_text(r"""
+#include <fcntl.h>
+#include <stdio.h>
+#include <sys/mman.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    char b, *a = mmap(NULL, 3 * 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    munmap(a + 4096, 4096);  /* two anonymous mappings with a hole between: one series to umig */
+    a[0] = a[2 * 4096] = 1;
+    if (read(0, &b, 1) != 1) return 1;
+    mmap(a + 4096, 4096, PROT_READ, MAP_SHARED | MAP_FIXED, open(argv[1], O_RDONLY), 0);
+    printf("mapped\n"); fflush(stdout);
+    for (;;) pause();
+}
+""")
+    subprocess.run(["gcc", "-O2", "-o", tmp_path / "sharer", source], check=True)
+    child, frozen = _frozen_then_running(registry, argv=(tmp_path / "sharer", data))
+    child.stdin.write("m")
+    child.stdin.flush()
+    assert child.stdout.readline() == "mapped\n"
+    _refused_for_a_foreign_tracer(child, frozen)
+
+
+def _refused_for_a_foreign_tracer(child, frozen):
     foreign = subprocess.Popen([sys.executable, "-c", FOREIGN_TRACER, str(child.pid)], stdout=subprocess.PIPE,
                                text=True)
     try:
@@ -254,6 +286,8 @@ def test_a_tracer_that_takes_it_between_the_freezes(registry):
         foreign.wait()
     wait_until(lambda: proc_state(child.pid) == "S" and procfs.status(child.pid)["TracerPid"] == "0", 10,
                "the process to run on untraced")
+    child.kill()
+    child.wait()
 
 
 def test_a_pid_taken_by_another_process_between_the_freezes(registry):

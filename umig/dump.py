@@ -175,7 +175,7 @@ class Frozen:
                     except Refused:
                         # Exited (its userfaultfd went with it) or traced by another, which holds
                         # it: its registrations are undone from outside then.
-                        tracker.abandon()
+                        tracker.abandon(self._pidfd)
                         return
                 if self.tracee.attached:
                     self.tracee.interrupt()

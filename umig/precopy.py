@@ -160,19 +160,26 @@ class WriteTracker:
         """The process has ended, its userfaultfd with it: only our side to close."""
         os.close(self._pagemap)
 
-    def abandon(self):
-        """Undo its registrations from outside, through a copy of its userfaultfd
-        (pidfd_getfd): the process cannot be stopped to close it (another tracer holds it).
-        The descriptor stays in the process, registered to nothing. One that has exited took
-        it along."""
+    def abandon(self, pidfd):
+        """Undo its registrations from outside, through a copy of its userfaultfd taken with
+        the process's `pidfd`: the process cannot be stopped to close it (another tracer holds
+        it). The descriptor stays in the process, registered to nothing. One that has exited
+        took it along."""
         try:
-            fd = take_fd(self.frozen.pid, self.fd)
-        except (UmigError, OSError):
+            fd = take_fd(self.frozen.pid, self.fd, pidfd)
+        except UmigError:
             return self.forget()
+        def unregister(start, end):
+            # Registering and unregistering act on the process the userfaultfd belongs to.
+            return memory.uffd_ioctl(fd, UFFDIO_UNREGISTER, struct.pack("<QQ", start, end - start))
         try:
             for start, end in _neighbourhoods(self.mappings, self.tracked):
-                # Registering and unregistering act on the process the userfaultfd belongs to.
-                memory.uffd_ioctl(fd, UFFDIO_UNREGISTER, struct.pack("<QQ", start, end - start))
+                # A series fails whole if the process has since mapped, between its members,
+                # what userfaultfd does not take (a shared file): then each member alone.
+                if unregister(start, end):
+                    for m in self.tracked:
+                        if start <= m["start"] < end:
+                            unregister(m["start"], m["end"])
         finally:
             os.close(fd)
             self.forget()
@@ -215,7 +222,7 @@ class HashTracker:
     def disarm(self):
         """Nothing was put inside the process."""
 
-    forget = abandon = disarm
+    forget = disarm
 
 
 def _neighbourhoods(mappings, tracked):

@@ -191,14 +191,18 @@ def _describe_status(status: int) -> str:
     return f"wait status {status:#x}"
 
 
-def take_fd(pid: int, fd: int) -> int:
-    """A copy of process pid's descriptor fd, as one of ours (pidfd_getfd)."""
-    pidfd = os.pidfd_open(pid)
+def take_fd(pid: int, fd: int, pidfd: int | None = None) -> int:
+    """A copy of process pid's descriptor fd, as one of ours (pidfd_getfd), through `pidfd` if
+    one is held on it (then the process it names, whatever has the pid now)."""
+    own = pidfd is None
+    if own:
+        pidfd = os.pidfd_open(pid)
     try:
         taken = _libc.syscall(SYS_PIDFD_GETFD, pidfd, fd, 0)
         err = ctypes.get_errno()
     finally:
-        os.close(pidfd)
+        if own:
+            os.close(pidfd)
     if taken < 0:
         raise RestorerError(f"pidfd_getfd of fd {fd} of pid {pid} failed: {os.strerror(err)}")
     return taken
