@@ -90,9 +90,13 @@ ERESTARTNOINTR = 513
 ERESTARTNOHAND = 514
 ERESTART_RESTARTBLOCK = 516
 NR_restart_syscall = 219
-# The calls that wait with a signal mask of their own: rt_sigsuspend, pselect6, ppoll, epoll_pwait,
-# io_pgetevents, epoll_pwait2.
-_WAITS_WITH_A_MASK = (130, 270, 271, 281, 333, 441)
+# The calls that wait with a signal mask of their own and are restarted (-ERESTARTNOHAND), with
+# where that mask is: rt_sigsuspend's first argument, ppoll's fourth, and the first word of a
+# {mask, size} pair that pselect6's and io_pgetevents' sixth argument points to. (epoll_pwait and
+# epoll_pwait2 fail with -EINTR instead: nothing to restart.)
+NR_RT_SIGSUSPEND, NR_PSELECT6, NR_PPOLL, NR_IO_PGETEVENTS = 130, 270, 271, 333
+_OWN_MASK = {NR_RT_SIGSUSPEND: ("rdi", False), NR_PPOLL: ("r10", False), NR_PSELECT6: ("r9", True),
+             NR_IO_PGETEVENTS: ("r9", True)}
 
 NR_READ = 0
 NR_MMAP = 9
@@ -237,12 +241,13 @@ def restart_registers(regs, *, restart_block_valid, signal_coming=False):
     With a signal ``signal_coming`` (Tracee.signal_coming) they come back unchanged too: the thread
     takes the signal path as it leaves whatever stop it is in, and the kernel decides there, as
     it would have (-EINTR where a handler without SA_RESTART runs, a restart where none does).
-    Not for a call that waits with a signal mask of its own (sigsuspend, ppoll, ...): the mask
-    ptrace shows is the one it restores afterwards, a signal only its own mask blocks would be
-    delivered; re-run, it installs its mask again and takes the signal as it would have.
+
+    One approximation is left: a call that waits with a mask of its own (sigsuspend, ppoll,
+    pselect6) and blocks every signal that is coming is re-run, and the handler of a signal its
+    own mask blocks but the thread's does not runs before it instead of after it returns.
     """
     out = regs.copy()
-    if regs.signed("orig_rax") < 0 or (signal_coming and regs.orig_rax not in _WAITS_WITH_A_MASK):
+    if regs.signed("orig_rax") < 0 or signal_coming:
         return out
     result = regs.signed("rax")
     if result in (-ERESTARTSYS, -ERESTARTNOINTR, -ERESTARTNOHAND):
@@ -699,11 +704,29 @@ class Tracee:
         status = procfs.status(self.pid)
         return int(status["SigPnd"], 16) | int(status["ShdPnd"], 16)
 
-    def signal_coming(self, mask):
-        """Whether a signal will be delivered as the stopped thread runs on with blocked-signal
-        `mask`. Job control's signals do not count: a SIGCONT sent meanwhile discards a pending stop
-        signal (and a stop signal a pending SIGCONT), and the thread would leave without one."""
-        return bool(self.pending_signals_mask() & ~mask & ~_JOB_CONTROL)
+    def signal_coming(self, regs, mask):
+        """Whether a signal will be delivered as the stopped thread, interrupted in the syscall of
+        `regs`, runs on with blocked-signal `mask`, or in a call that waits with a mask of its
+        own, with that one: ptrace shows the mask the call puts back when it returns, and a
+        signal only the call's own mask blocks waits for that. Job control's signals do not
+        count: a SIGCONT sent meanwhile discards a pending stop signal (and a stop signal a
+        pending SIGCONT), and the thread would leave without one."""
+        own = self._own_mask(regs)
+        return bool(self.pending_signals_mask() & ~(mask if own is None else own) & ~_JOB_CONTROL)
+
+    def _own_mask(self, regs):
+        """The mask a sigsuspend, ppoll, pselect6 or io_pgetevents the thread is in waits with,
+        read from its arguments; None if it is in none of them, or waits without one."""
+        if regs.signed("rax") != -ERESTARTNOHAND or regs.orig_rax not in _OWN_MASK:
+            return None
+        register, in_a_pair = _OWN_MASK[regs.orig_rax]
+        address = getattr(regs, register)
+        try:
+            if in_a_pair and address:
+                address = struct.unpack("<Q", self.read_memory(address, 8))[0]
+            return struct.unpack("<Q", self.read_memory(address, 8))[0] if address else None
+        except TraceError:
+            return None  # the kernel could not have read it either: the call failed
 
     def get_siginfo(self):
         """The siginfo of the current signal-delivery-stop or event stop (PTRACE_GETSIGINFO)."""
@@ -785,8 +808,12 @@ class Tracee:
         """Address of a `syscall` instruction (0f 05) in executable memory of the tracee: the vDSO
         first (small, always there), then libc's text, then any executable mapping. Jumping into
         the middle of a longer instruction is fine: only those two bytes ever execute."""
-        if self._gadget is not None and self.read_memory(self._gadget, 2) == _SYSCALL_INSN:
-            return self._gadget
+        if self._gadget is not None:
+            try:
+                if self.read_memory(self._gadget, 2) == _SYSCALL_INSN:
+                    return self._gadget
+            except TraceError:
+                pass  # no longer mapped there (the process ran, and may have exec'd, meanwhile)
         self._gadget = None
         with open(f"/proc/{self.pid}/maps") as f:
             regions = []
@@ -866,7 +893,7 @@ class Tracee:
                              f"munmap of the restorer in pid {self.pid} failed: "
                              f"{_errno_text(result) if result < 0 else result}")
         self.set_registers(restart_registers(final_regs, restart_block_valid=False,
-                                             signal_coming=self.signal_coming(sigmask)))
+                                             signal_coming=self.signal_coming(final_regs, sigmask)))
         self.set_xstate(xstate)
         self.set_sigmask(sigmask)
 
@@ -959,7 +986,7 @@ class SyscallSession:
                 regs = self._saved_regs
                 if self._ran and self._fix_restart:
                     regs = restart_registers(regs, restart_block_valid=True,
-                                             signal_coming=t.signal_coming(self._saved_mask))
+                                             signal_coming=t.signal_coming(regs, self._saved_mask))
                 t.set_registers(regs)
                 t.set_sigmask(self._saved_mask)
         except TraceError:
