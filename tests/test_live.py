@@ -244,9 +244,11 @@ def test_a_tracer_that_takes_it_between_the_freezes(registry):
     _refused_for_a_foreign_tracer(*_frozen_then_running(registry))
 
 
-def test_a_tracer_that_takes_it_after_it_mapped_a_shared_file_among_watched_mappings(registry, tmp_path):
+@pytest.mark.parametrize("where", ["between", "over"])
+def test_a_tracer_that_takes_it_after_it_mapped_a_shared_file_among_watched_mappings(registry, tmp_path, where):
     """As above, where the process has mapped meanwhile a shared file (which userfaultfd does not
-    take) between two mappings the tracker registered together: each is unregistered alone."""
+    take) between two mappings the tracker registered together, or over the middle of one: the
+    mappings registered then are unregistered one by one."""
     source, data = tmp_path / "sharer.c", tmp_path / "data"
     data.write_bytes(b"x" * 4096)
     source.write_text(r"""
@@ -256,7 +258,8 @@ def test_a_tracer_that_takes_it_after_it_mapped_a_shared_file_among_watched_mapp
 #include <unistd.h>
 int main(int argc, char **argv) {
     char b, *a = mmap(NULL, 3 * 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    munmap(a + 4096, 4096);  /* two anonymous mappings with a hole between: one series to umig */
+    if (argv[2][0] == 'b')
+        munmap(a + 4096, 4096);  /* two anonymous mappings with a hole between: one series to umig */
     a[0] = a[2 * 4096] = 1;
     if (read(0, &b, 1) != 1) return 1;
     mmap(a + 4096, 4096, PROT_READ, MAP_SHARED | MAP_FIXED, open(argv[1], O_RDONLY), 0);
@@ -265,7 +268,7 @@ int main(int argc, char **argv) {
 }
 """)
     subprocess.run(["gcc", "-O2", "-o", tmp_path / "sharer", source], check=True)
-    child, frozen = _frozen_then_running(registry, argv=(tmp_path / "sharer", data))
+    child, frozen = _frozen_then_running(registry, argv=(tmp_path / "sharer", data, where))
     child.stdin.write("m")
     child.stdin.flush()
     assert child.stdout.readline() == "mapped\n"

@@ -83,7 +83,9 @@ class Frozen:
 
     def _gone(self):
         """Whether the process first frozen has exited (its pidfd turns readable then)."""
-        return bool(select.select([self._pidfd], [], [], 0)[0])
+        poller = select.poll()
+        poller.register(self._pidfd, select.POLLIN)
+        return bool(poller.poll(0))
 
     def stop(self):
         """Hold it still and take its CPU state (again, after run())."""

@@ -63,6 +63,9 @@ def migrate(pid, target, requested_pid_mode="keep", timeout=60.0, live=False, la
         try:
             if frozen is not None:
                 frozen.thaw()  # first: the source must not wait on the network
+        except UmigError as failed:
+            # The first failure is the news; a thaw that failed after it is news too.
+            raise UmigError(f"{e}; thawing the source failed then: {failed}") from e
         finally:
             try:
                 connection.send_control("abort", reason=(str(e) or type(e).__name__)[:300])

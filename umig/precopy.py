@@ -169,17 +169,20 @@ class WriteTracker:
             fd = take_fd(self.frozen.pid, self.fd, pidfd)
         except UmigError:
             return self.forget()
-        def unregister(start, end):
-            # Registering and unregistering act on the process the userfaultfd belongs to.
-            return memory.uffd_ioctl(fd, UFFDIO_UNREGISTER, struct.pack("<QQ", start, end - start))
         try:
-            for start, end in _neighbourhoods(self.mappings, self.tracked):
-                # A series fails whole if the process has since mapped, between its members,
-                # what userfaultfd does not take (a shared file): then each member alone.
-                if unregister(start, end):
-                    for m in self.tracked:
-                        if start <= m["start"] < end:
-                            unregister(m["start"], m["end"])
+            # Each mapping registered now, one by one: a range fails whole if the process has
+            # mapped into it since what userfaultfd does not take (a shared file, between two
+            # registered mappings or over part of one), and registered mappings may have grown.
+            series = _neighbourhoods(self.mappings, self.tracked)
+            entries, vmflags = procfs.parse_smaps(procfs.read_text(self.frozen.pid, "smaps"))
+            for entry in entries:
+                if "uw" in vmflags[entry.start] and any(entry.start < end and start < entry.end
+                                                        for start, end in series):
+                    # Unregistering acts on the process the userfaultfd belongs to, whoever asks.
+                    memory.uffd_ioctl(fd, UFFDIO_UNREGISTER,
+                                      struct.pack("<QQ", entry.start, entry.end - entry.start))
+        except UmigError:
+            pass  # it has exited meanwhile, its userfaultfd with it
         finally:
             os.close(fd)
             self.forget()
