@@ -288,6 +288,14 @@ def test_rseq(agent, registry, c_make, rseq):
     assert wl.stdout().count(f"rseq registered: {expect}\n") == 2, wl.stdout()
 
 
+@pytest.mark.parametrize("mode", ["stop", "live", "lazy"])
+def test_a_periodic_timer_keeps_ticking(agent, registry, c_make, mode):
+    """An ITIMER_REAL every 2 ms: frozen longer than that, its SIGALRM is pending and the kernel
+    re-arms the timer only when that signal is taken. The move carries it armed all the same."""
+    wl, _, _ = migrate_and_compare(agent, registry, c_make("ticker"), extra=() if mode == "stop" else (f"--{mode}",))
+    assert "timer still ticking" in wl.stdout()
+
+
 def test_sleeper(agent, registry, c_make):
     """Migrated while blocked in nanosleep: the sleep completes (at least the requested time)."""
     def in_nanosleep(wl):

@@ -49,6 +49,11 @@ def dump(frozen):
         itimers = []
         for which, timer in timers.items():
             interval_sec, interval_usec, value_sec, value_usec = _ITIMERVAL.unpack(timer.data)
+            if not (value_sec or value_usec) and (interval_sec or interval_usec):
+                # A periodic ITIMER_REAL that expired while the process was held: the kernel
+                # re-arms it only as its SIGALRM (pending, and carried) is taken, and reports it
+                # disarmed meanwhile. Armed again where it lands, it fires an interval later.
+                value_sec, value_usec = interval_sec, interval_usec
             if value_sec or value_usec:
                 itimers.append([which, interval_sec, interval_usec, value_sec, value_usec])
         return dict(section, tid_address=int.from_bytes(tid_address.data, "little"), itimers=itimers)
