@@ -394,3 +394,22 @@ def test_a_process_that_exits_between_check_and_freeze_is_named_so():
             dump.freeze(pid)
     finally:
         os.waitpid(pid, 0)
+
+
+def test_a_deleted_working_directory_is_named_so(agent, tmp_path, registry):
+    """A process whose working directory was removed cannot move (nothing there to go back to):
+    check and migrate say so in those words, not as a directory elsewhere."""
+    where = tmp_path / "gone"
+    where.mkdir()
+    proc = subprocess.Popen(["sleep", "100"], cwd=where)
+    registry.remember(proc.pid)
+    try:
+        where.rmdir()
+        r = run_umig("check", proc.pid)
+        assert r.returncode != 0 and f"working directory {where} was deleted" in r.stdout, r.stdout
+        assert_clean_failure(run_umig("migrate", proc.pid, agent.target()),
+                             must_contain=(f"working directory {where} was deleted",), what="umig migrate")
+        assert_running_untraced(proc.pid, "the refused process")
+    finally:
+        proc.kill()
+        proc.wait()

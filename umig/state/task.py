@@ -24,7 +24,10 @@ def check(pid):
     if procfs.status(pid)["State"].startswith("T"):
         blockers.append(f"pid {pid} is stopped (job control): continue it first")
     cwd = procfs.proc_path(pid, "cwd")
-    if not procfs.same_file(cwd, os.readlink(cwd)):
+    path = os.readlink(cwd)
+    if path.endswith(" (deleted)"):
+        blockers.append(f"pid {pid}'s working directory {path[:-10]} was deleted")
+    elif not procfs.same_file(cwd, path):
         blockers.append(f"pid {pid}'s working directory is another directory where umig looks")
     return blockers
 
