@@ -16,6 +16,7 @@ from conftest import (assert_clean_failure, assert_maps_equal, assert_no_leftove
                       nspid, parse_maps, proc_state, read_maps, reference_run, run_umig, wait_gone, wait_until,
                       write_input_text)
 from umig import dump as umig_dump, image as umig_image
+from umig.demo import compile_c
 
 
 def hex_in(value, text):
@@ -202,8 +203,7 @@ def test_a_signal_pending_in_the_image_interrupts_as_it_would_have(registry, tmp
     """A signal that came while the process was frozen in pause() travels in the image, pending:
     where it is restored its handler runs and pause() returns EINTR, as without umig (a
     restarted pause() would wait for ever)."""
-    source = tmp_path / "pauser.c"
-    source.write_text(r"""
+    pauser = compile_c(r"""
 #include <errno.h>
 #include <signal.h>
 #include <stdio.h>
@@ -220,11 +220,10 @@ int main(void) {
     printf("pause returned %d errno=%d\n", r, errno);
     return 0;
 }
-""")
-    subprocess.run(["gcc", "-O2", "-o", tmp_path / "pauser", source], check=True)
+""", str(tmp_path / "pauser"))
     out, img = tmp_path / "out.txt", tmp_path / "pauser.img"
     with open(out, "w") as f:
-        child = subprocess.Popen([tmp_path / "pauser"], stdin=subprocess.DEVNULL, stdout=f, stderr=f)
+        child = subprocess.Popen([pauser], stdin=subprocess.DEVNULL, stdout=f, stderr=f)
     registry.remember(child.pid)
     wait_until(lambda: out.read_text() == "ready\n" and proc_state(child.pid) == "S", 10, "the pauser to pause")
     frozen = umig_dump.freeze(child.pid)

@@ -17,6 +17,7 @@ import pytest
 from conftest import (assert_maps_equal, c_workload, migrate, proc_state, read_maps, umig_cmd, umig_env, wait_until,
                       write_input_text)
 from umig import dump, precopy, procfs
+from umig.demo import compile_c
 from umig.errors import Refused
 from umig.state import memory
 from test_migrate import c_make, migrate_and_compare  # noqa: F401  (fixture)
@@ -141,8 +142,7 @@ def test_a_dropped_copy_of_a_file_page_is_sent_again(tmp_path, registry):
     swapped, never written: the tracker reports it, so the target's stale copy is replaced."""
     data = tmp_path / "data.bin"
     data.write_bytes(bytes(range(256)) * 16 * 16)
-    source = tmp_path / "dropper.c"
-    source.write_text(r"""
+    dropper = compile_c(r"""
 #include <fcntl.h>
 #include <stdio.h>
 #include <sys/mman.h>
@@ -158,9 +158,8 @@ int main(int argc, char **argv) {
     read(0, &b, 1);
     return 0;
 }
-""")
-    subprocess.run(["gcc", "-O2", "-o", tmp_path / "dropper", source], check=True)
-    child = subprocess.Popen([tmp_path / "dropper", data], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+""", str(tmp_path / "dropper"))
+    child = subprocess.Popen([dropper, data], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     registry.remember(child.pid)
     frozen = None
     try:
@@ -186,8 +185,7 @@ def test_a_signal_between_the_freezes_is_handled_at_once(tmp_path, registry):
     """Between the first and the final freeze of a live or lazy move the process runs on, and
     handles a signal sent to it then: a traced process would wait in its signal-delivery-stop
     until umig next looked, as long as copying its memory takes."""
-    source = tmp_path / "waiter.c"
-    source.write_text(r"""
+    waiter = compile_c(r"""
 #include <signal.h>
 #include <stdio.h>
 #include <unistd.h>
@@ -197,9 +195,8 @@ int main(void) {
     printf("ready\n"); fflush(stdout);
     for (;;) pause();
 }
-""")
-    subprocess.run(["gcc", "-O2", "-o", tmp_path / "waiter", source], check=True)
-    child = subprocess.Popen([tmp_path / "waiter"], stdout=subprocess.PIPE, text=True)
+""", str(tmp_path / "waiter"))
+    child = subprocess.Popen([waiter], stdout=subprocess.PIPE, text=True)
     registry.remember(child.pid)
     try:
         assert child.stdout.readline() == "ready\n"
@@ -249,9 +246,9 @@ def test_a_tracer_that_takes_it_after_it_mapped_a_shared_file_among_watched_mapp
     """As above, where the process has mapped meanwhile a shared file (which userfaultfd does not
     take) between two mappings the tracker registered together, or over the middle of one: the
     mappings registered then are unregistered one by one."""
-    source, data = tmp_path / "sharer.c", tmp_path / "data"
+    data = tmp_path / "data"
     data.write_bytes(b"x" * 4096)
-    source.write_text(r"""
+    sharer = compile_c(r"""
 #include <fcntl.h>
 #include <stdio.h>
 #include <sys/mman.h>
@@ -266,9 +263,8 @@ int main(int argc, char **argv) {
     printf("mapped\n"); fflush(stdout);
     for (;;) pause();
 }
-""")
-    subprocess.run(["gcc", "-O2", "-o", tmp_path / "sharer", source], check=True)
-    child, frozen = _frozen_then_running(registry, argv=(tmp_path / "sharer", data, where))
+""", str(tmp_path / "sharer"))
+    child, frozen = _frozen_then_running(registry, argv=(sharer, data, where))
     child.stdin.write("m")
     child.stdin.flush()
     assert child.stdout.readline() == "mapped\n"
