@@ -10,7 +10,8 @@ messages carry one msgpack frame after it, image records carry their own frames 
                                 <-    accepted (live, lazy: once the mappings are laid out) | failed {reason}
   (live, lazy: record sync ->)
                                 <-    synced (every page sent before it is in place)
-  (live, lazy: record state, the final one, when the process is frozen again)
+  (live, lazy, the process frozen again: record layout, its record pages ..., record state;
+   lazy: then record resume, where the line below has pages and the end)
   record pages ..., record end  ->    (failed {reason} may come at any time)
                                 <-    ready {target_pid, steps} | failed {reason}
   commit                        ->
@@ -19,7 +20,7 @@ messages carry one msgpack frame after it, image records carry their own frames 
   post-copy (--lazy) only, once the process runs on the target:
   record pages ..., record end  ->    (the lazy pages, a few records ahead of the last placed)
                                 <-    fetch {address} (a fault)  placed (a pages record is in)
-                                <-    complete
+                                <-    complete {faults}
   abort {reason} (at any time, when the source gives up)
 
 A lost connection is seen at once through the socket monitor, so a dead agent costs no timeout.
