@@ -169,20 +169,25 @@ int main(void) {
     for (;;) pause();
 }
 """,
-    # Single-steps itself (eflags.TF), counting its traps, and says now and then that it lives.
+    # Single-steps itself (eflags.TF), counting its traps, and waits for a byte on stdin with the
+    # trap flag still set: frozen there, its registers carry TF for certain. Says after each byte
+    # how many traps it has counted.
     "stepper": r"""
 #include <signal.h>
 #include <stdio.h>
-#include <string.h>
+#include <unistd.h>
 static volatile unsigned long traps;
 static void on_trap(int s) { (void)s; traps++; }
 int main(void) {
     signal(SIGTRAP, on_trap);
     printf("ready\n"); fflush(stdout);
-    for (unsigned long round = 0; ; round++) {
+    for (;;) {
+        char byte;
         __asm__ volatile("pushf; orq $0x100, (%%rsp); popf" ::: "memory", "cc");
-        for (volatile int i = 0; i < 2000; i++) ;
+        for (volatile int i = 0; i < 200; i++) ;
+        ssize_t n = read(0, &byte, 1);
         __asm__ volatile("pushf; andq $~0x100, (%%rsp); popf" ::: "memory", "cc");
+        if (n != 1) return 0;
         printf("alive %lu\n", traps); fflush(stdout);
     }
 }
@@ -720,18 +725,21 @@ def test_batch_in_a_process_that_single_steps_itself(spawn, bins):
     it is blocked resets the program's handler, and the program would die of the next)."""
     proc = spawn([bins["stepper"]])
     assert proc.line() == "ready"
-    for _ in range(200):
-        with tracee(spawn, proc.pid).freeze() as t:
-            if t.get_registers().eflags & 0x100:
-                with t.syscall_session() as s:
-                    calls = [Call("getpid", NR_GETPID)]
-                    s.run_batch(calls)
-                    assert calls[0].result == proc.pid
-                break
-    else:
-        pytest.fail("never frozen with the trap flag set")
+    wait_until_blocked(proc.pid)
+    with tracee(spawn, proc.pid).freeze() as t:
+        regs = t.get_registers()
+        assert regs.orig_rax == NR_READ and regs.eflags & 0x100, "not frozen in its read with the trap flag"
+        with t.syscall_session() as s:
+            calls = [Call("getpid", NR_GETPID)]
+            s.run_batch(calls)
+            assert calls[0].result == proc.pid
+    counts = []
     for _ in range(3):  # its handler still counts the traps of the rounds that follow
-        assert proc.line().startswith("alive ")
+        proc.send(b"x")
+        line = proc.line()
+        assert line.startswith("alive "), line
+        counts.append(int(line.split()[1]))
+    assert counts[0] > 0 and counts == sorted(set(counts)), counts
 
 
 def test_batch_where_code_cannot_be_written(spawn, bins):
