@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from conftest import (alive, assert_maps_equal, c_workload, migrate, proc_state, read_maps, umig_cmd, umig_env,
-                      wait_until)
+from conftest import (alive, assert_maps_equal, assert_same_output, c_workload, migrate, proc_state, read_maps,
+                      reference_run, umig_cmd, umig_env, wait_until)
 from umig import dump, postcopy, precopy
 from umig.procfs import PAGE_SIZE
 from umig.state import memory
@@ -169,6 +169,26 @@ def test_lazy_job_control_stop_during_postcopy_is_kept(agent, registry, workload
     assert agent.wait_exit(target, 60, since) == ("status", 0)
     assert_writer_exact(workloads, wl.stdout(), "2048")
 
+
+
+@pytest.mark.parametrize("when, news", [("resumed", "executed another program during post-copy"),
+                                        ("ends", r"ended during post-copy \(exited with status 0\)")])
+def test_lazy_it_leaves_its_memory_while_its_pages_arrive(agent, registry, c_make, when, news):
+    """Resumed on the target, the process at once executes a program (itself again), or ends,
+    while its memory is still arriving: the pages still to come have nowhere to go, and that is
+    no failure. It goes on, or ends, as in a run never moved."""
+    make = c_make("execer", when, "128")
+    ref = reference_run(make("ref"))
+    wl = make("mig").start().wait_ready()
+    since = agent.mark()
+    info = migrate(wl.pid, agent.target(), "--lazy")
+    registry.remember(info["target_pid"])
+    agent.wait_for_line(rf"^{agent.name}: restored pid {info['target_pid']} {news}", 30, since)
+    wl.wait_exit(30)
+    wl.fire()
+    if when == "resumed":
+        assert agent.wait_exit(info["target_pid"], 60, since) == ("status", 0)
+    assert_same_output(wl, ref)
 
 
 @pytest.mark.parametrize("mode", ["lazy", "live"])

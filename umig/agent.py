@@ -13,7 +13,7 @@ import zmq
 from umig import image
 from umig.errors import UmigError
 from umig.restore import restore
-from umig.state.signals import signal_name
+from umig.state.signals import describe_end
 from umig.transport import Session, control, is_loopback, parse_control
 
 DEFAULT_LISTEN = "tcp://127.0.0.1:7707"
@@ -114,7 +114,11 @@ class Agent:
                 ended = restored.complete(session, reader)
                 session.send("complete", faults=restored.pager.faults)
                 if ended:
-                    self.log(f"restored pid {restored.pid} ended during post-copy ({ended})")
+                    end = ("status", ended.code) if ended.kind == "exited" else ("signal", ended.signo)
+                    self.log(f"restored pid {restored.pid} ended during post-copy ({describe_end(end)})")
+                elif restored.pager.memory_gone:
+                    self.log(f"restored pid {restored.pid} executed another program during post-copy: "
+                             "the pages still to come were not needed")
         except Exception as e:
             if restored is not None:
                 restored.discard()
@@ -144,8 +148,7 @@ class Agent:
                 code = os.WEXITSTATUS(status)
                 # A PID namespace's init passes its child's death by signal on as 128 + signal.
                 ended = ("signal", code - 128) if waited != shown and code > 128 else ("status", code)
-            outcome = f"killed by {signal_name(ended[1])}" if ended[0] == "signal" else f"exited with status {ended[1]}"
-            self.log(f"restored pid {shown} {outcome}")
+            self.log(f"restored pid {shown} {describe_end(ended)}")
             for hook in self.on_reaped:
                 hook(shown, ended)
 

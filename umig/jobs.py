@@ -27,7 +27,7 @@ import psutil
 import zmq
 
 from umig.errors import UmigError
-from umig.state.signals import signal_name
+from umig.state.signals import describe_end
 from umig.transport import Connection, control, endpoint, parse_control
 
 KEEP_FINISHED = 3600.0    # seconds the origin remembers a finished job for `umig run` to collect
@@ -102,11 +102,6 @@ class Outbox:
     def close(self):
         for s in self.sockets.values():
             s.close(0)
-
-
-def describe_end(ended):
-    kind, n = ended
-    return f"killed by {signal_name(n)}" if kind == "signal" else f"exited with status {n}"
 
 
 class Jobs:

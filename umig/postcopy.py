@@ -177,6 +177,11 @@ class PendingPages:
         self.count -= 1
         return True
 
+    def take_all(self):
+        """Mark every page no longer wanted."""
+        self.bits = [bytearray(len(bits)) for bits in self.bits]
+        self.count = 0
+
 
 class Pager:
     """The agent's side of post-copy for one process: its userfaultfd, the pages still missing,
@@ -187,6 +192,7 @@ class Pager:
         self.remaps = []  # (from, to, length) in the order the process made them
         self.requested = set()
         self.faults = 0
+        self.memory_gone = False  # the process left the memory being filled (execve, or its end)
         self.fd = memory.userfaultfd(restorer, memory.spans(section, LAZY_KINDS), LAZY_FEATURES)  # last: nothing fails after
 
     def close(self):
@@ -248,7 +254,17 @@ class Pager:
                 return self._copy(page, page + PAGE_SIZE, source_base, fetch)
             self.pending.take(page)  # already there, or no longer mapped: nothing to bring
             return page + PAGE_SIZE
+        if err == errno.ESRCH:
+            self._forget_memory()
+            return end
         raise UmigError(f"UFFDIO_COPY at {target:#x} failed: {os.strerror(err)}")
+
+    def _forget_memory(self):
+        """The memory the userfaultfd fills has gone (ESRCH): the process executed another
+        program, or is ending (its end comes as a stop). No page still to come has anywhere to
+        go; the stream runs to its end with nothing placed."""
+        self.memory_gone = True
+        self.pending.take_all()
 
     def events(self, fetch):
         """Handle what the process did: faults are fetched (or zero-filled where the source had no
@@ -279,7 +295,9 @@ class Pager:
             return
         zero = _UffdioZeropage(start=address, len=PAGE_SIZE)
         err = self._ioctl(UFFDIO_ZEROPAGE, zero)
-        if err not in (0, errno.EEXIST, errno.ENOENT, errno.EAGAIN):
+        if err == errno.ESRCH:
+            self._forget_memory()
+        elif err not in (0, errno.EEXIST, errno.ENOENT, errno.EAGAIN):
             raise UmigError(f"UFFDIO_ZEROPAGE at {address:#x} failed: {os.strerror(err)}")
 
     def run(self, session, records, tracee):

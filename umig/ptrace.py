@@ -567,21 +567,20 @@ class Tracee:
                 raise TraceError(errno.ETIMEDOUT, f"waitpid of pid {self.pid} failed: no stop within {timeout} s")
             time.sleep(delay)
             delay = min(delay * 2, 0.02)
-        stop = Stop.decode(status)
-        self.last_stop = stop
-        self.stopped = stop.stopped
-        if not stop.stopped:
-            self.attached = False
-            self._close_mem()
-        return stop
+        return self._reached(status)
 
     def poll_stop(self):
         """The tracee's next stop or end if one is waiting, else None (never blocks)."""
         pid, status = os.waitpid(self.pid, WALL | os.WNOHANG)
-        if not pid:
-            return None
+        return self._reached(status) if pid else None
+
+    def _reached(self, status):
+        """The stop or end a waitpid status tells of; an end leaves nothing to trace."""
         stop = Stop.decode(status)
         self.last_stop, self.stopped = stop, stop.stopped
+        if not stop.stopped:
+            self.attached = False
+            self._close_mem()
         return stop
 
     def cont(self, sig=0):

@@ -25,6 +25,12 @@ def signal_name(signo):
         return f"SIGRTMIN+{signo - signal.SIGRTMIN}" if signo >= signal.SIGRTMIN else f"signal {signo}"
 
 
+def describe_end(ended):
+    """("signal", n) or ("status", n), as a process's end reads in a log."""
+    kind, n = ended
+    return f"killed by {signal_name(n)}" if kind == "signal" else f"exited with status {n}"
+
+
 def mask_names(mask):
     return ",".join(signal_name(s) for s in range(1, 65) if mask & (1 << (s - 1))) or "none"
 
