@@ -5,17 +5,19 @@ Checked as for stop-and-copy (output equal to a run never migrated, same memory 
 plus a writer that dirties memory as fast as it can during the copy: the steps it counted and a
 hash of its whole region must equal a replay of that many steps in a process never migrated.
 """
+import contextlib
 import os
 import re
 import select
 import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 
-from conftest import (assert_maps_equal, c_workload, migrate, proc_state, read_maps, umig_cmd, umig_env, wait_until,
-                      write_input_text)
+from conftest import (assert_maps_equal, assert_same_output, c_workload, migrate, proc_state, read_maps, reference_run,
+                      umig_cmd, umig_env, wait_until, write_input_text)
 from umig import dump, precopy, procfs
 from umig.demo import compile_c
 from umig.errors import Refused
@@ -329,3 +331,51 @@ def test_stopped_by_job_control_between_the_freezes(registry):
                "the process to stay stopped, untraced")
     os.kill(child.pid, signal.SIGCONT)
     wait_until(lambda: proc_state(child.pid) == "S", 10, "the process to go on")
+
+
+def test_thawed_after_it_executed_another_program_between_the_freezes(registry):
+    """The write tracker's userfaultfd went with the old program (close-on-exec): the thaw
+    closes nothing in the new one, which here holds a file at that very number."""
+    child, frozen = _frozen_then_running(
+        registry, argv=("bash", "-c", "ulimit -n 1024; read line; exec sleep 100 1023</dev/null"))
+    assert frozen.tracker.fd == 1023
+    child.stdin.write("go\n")
+    child.stdin.flush()
+    wait_until(lambda: procfs.read_text(child.pid, "cmdline").startswith("sleep\0"), 10, "the exec")
+    frozen.stop()
+    frozen.thaw()
+    assert os.path.exists(f"/proc/{child.pid}/fd/1023"), "the thaw closed the new program's file"
+    wait_until(lambda: proc_state(child.pid) == "S" and procfs.status(child.pid)["TracerPid"] == "0", 10,
+               "the process to run on untraced")
+    child.kill()
+    child.wait()
+
+
+EXECER_MIB = "128"
+
+
+@pytest.mark.parametrize("mode", ["live", "lazy"])
+def test_it_executes_another_program_between_the_freezes(agent, registry, c_make, mode):
+    """The process executes a program (itself again) while it runs between the freezes: the
+    write tracker went with the old memory, so the new program's goes whole in the final freeze,
+    and it goes on there as a run never moved does."""
+    make = c_make("execer", "between", EXECER_MIB)
+    ref = reference_run(make("ref"))
+    wl = make("mig").start().wait_ready()
+    since = agent.mark()
+    outcome = []
+    mover = threading.Thread(target=lambda: outcome.append(migrate(wl.pid, agent.target(), f"--{mode}")))
+    mover.start()
+    executed = False
+    while mover.is_alive() and not executed:
+        with contextlib.suppress(OSError):
+            executed = procfs.read_text(wl.pid, "cmdline").endswith("\0second\0")
+    mover.join()
+    assert outcome, "the migration failed (its error is above)"
+    info = outcome[0]
+    registry.remember(info["target_pid"])
+    assert executed, "the source did not execute the second program while it was moved"
+    wl.wait_exit(30)
+    wl.fire()
+    assert agent.wait_exit(info["target_pid"], 60, since) == ("status", 0)
+    assert_same_output(wl, ref)

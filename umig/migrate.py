@@ -131,7 +131,10 @@ def _postcopy_start(frozen, state, writer, connection, phases, notice):
         # by now: what it writes from here is sent again), and the target places it meanwhile.
         # With them, the mappings around what it wrote so far (looked at, not reset: the working
         # set below is still all it writes from the first state on).
-        present = memory.present_runs(frozen.pid, state["memory"]["mappings"])
+        try:
+            present = memory.present_runs(frozen.pid, state["memory"]["mappings"])
+        except UmigError:
+            present = []  # it executed another program meanwhile (or exited): the final freeze tells
         ahead = postcopy.split(state, present, postcopy.neighbourhoods(state, present,
                                                                        frozen.tracker.written(again=False)))[0]
         dump.write_pages(writer, frozen.pid, ahead, tolerant=True)

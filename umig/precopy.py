@@ -103,6 +103,18 @@ class WriteTracker:
     def written(self, again=True):
         """Runs of pages written since the last call, write-protected again as they are reported
         (unless not `again`: then only looked at, and the next call reports them too)."""
+        if not self._outlived():
+            try:
+                return self._written_since(again)
+            except UmigError:
+                if not self._outlived():
+                    raise
+        # It executed another program (before the scans, or during them: it may run meanwhile).
+        # What was watched is gone; whatever is there now travels whole in the frozen copy.
+        self.lost.update(memory.same_mapping(m) for m in self.tracked)
+        return []
+
+    def _written_since(self, again):
         runs = []
         watched = [m for m in self.tracked if memory.same_mapping(m) not in self.lost]
         # One scan for each series of watched mappings with nothing else between them, as they
@@ -147,14 +159,23 @@ class WriteTracker:
 
     @property
     def fds(self):
-        """Its descriptors in the process, which are umig's and do not travel."""
-        return (self.fd,)
+        """Its descriptors in the process, which are umig's and do not travel: none once the
+        process has executed another program or exited (the number may be the new program's)."""
+        return () if self._outlived() else (self.fd,)
+
+    def _outlived(self):
+        """Whether the memory it watches is gone: the process executed another program (its
+        userfaultfd, close-on-exec, went with the old memory) or exited. Our pagemap descriptor
+        holds that memory, and reads nothing once the process has let it go."""
+        return os.pread(self._pagemap, 8, 0) == b""
 
     def disarm(self):
         """Close the userfaultfd inside the (stopped) process: its mappings are unregistered."""
+        fds = self.fds
         os.close(self._pagemap)
-        with self.frozen.inside():
-            self.frozen.syscall_checked("close of the userfaultfd", SYS_CLOSE, self.fd)
+        if fds:
+            with self.frozen.inside():
+                self.frozen.syscall_checked("close of the userfaultfd", SYS_CLOSE, self.fd)
 
     def forget(self):
         """The process has ended, its userfaultfd with it: only our side to close."""

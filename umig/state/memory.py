@@ -644,16 +644,21 @@ def prepare(restorer, section, restorer_entries):
     for entry in restorer_entries:
         if entry.path != "[vsyscall]" and not _VDSO_NAME.fullmatch(entry.path):
             restorer.unmap(entry.start, entry.size)
-    # Through a parking place at the hole's end: the vDSO's old and new places may overlap.
-    parking = hole + hole_size - vdso_size
-    for entry in vdso_parts:
-        restorer.move(entry.start, parking + entry.start - vdso_parts[0].start, entry.size)
-    image_vdso = [m for m in section["mappings"] if m["kind"] == "vdso"]
-    for entry, mapping in zip(vdso_parts, image_vdso):
-        restorer.move(parking + entry.start - vdso_parts[0].start, mapping["start"], entry.size)
     hole_entry = procfs.MapsEntry(hole, hole + hole_size, "rwxp", 0, "", 0, "")
+    _move_vdso(restorer, [(e.start, e.size) for e in vdso_parts], section, hole_entry)
     _map_all(restorer, section, [hole_entry])
     return hole_entry
+
+
+def _move_vdso(restorer, parts, section, hole):
+    """Move the vDSO set (vvar, vdso: `parts`, (start, size) in order) to where `section` has it,
+    through a parking place at the end of the restorer's `hole`: the old and new places may
+    overlap."""
+    parking = hole.end - sum(size for _, size in parts)
+    for start, size in parts:
+        restorer.move(start, parking + start - parts[0][0], size)
+    for (start, size), mapping in zip(parts, (m for m in section["mappings"] if m["kind"] == "vdso")):
+        restorer.move(parking + start - parts[0][0], mapping["start"], size)
 
 
 def _would_merge(a, b):
@@ -722,10 +727,19 @@ def relayout(restorer, old, new, discard, hole):
     pages the process dropped since they were sent are dropped here too (MADV_DONTNEED: zeros,
     or the file's own page again; in shared memory MADV_REMOVE, which frees the pages of the
     shmem file itself)."""
+    for m in new["mappings"]:
+        if m["start"] < hole.end and hole.start < m["end"]:
+            # Only a new program (execve since the first state) lays out memory so differently.
+            raise UmigError(f"mapping {m['start']:#x}-{m['end']:#x} of the final state lies where the restorer "
+                            f"runs on the target, chosen after the first state ({hole.start:#x}-{hole.end:#x}): "
+                            "try again")
     kept = {same_mapping(m) for m in new["mappings"]} & {same_mapping(m) for m in old["mappings"]}
     for m in old["mappings"]:
         if same_mapping(m) not in kept and m["kind"] not in ("vdso", "vsyscall"):
             restorer.unmap(m["start"], m["end"] - m["start"])
+    old_vdso = [(m["start"], m["end"] - m["start"]) for m in old["mappings"] if m["kind"] == "vdso"]
+    if old_vdso != [(m["start"], m["end"] - m["start"]) for m in new["mappings"] if m["kind"] == "vdso"]:
+        _move_vdso(restorer, old_vdso, new, hole)  # it executed another program (execve) meanwhile
     _map_all(restorer, new, [hole], built=kept)
     shared = spans(new, ("shared_anon",))
     for start, length in intersect(discard, complement(shared, 0, 2 ** 64)):
