@@ -9,7 +9,7 @@ import os
 
 from umig import postcopy, procfs
 from umig.phases import Phases
-from umig.ptrace import Registers, Tracee
+from umig.ptrace import Registers, Tracee, TraceeExited
 from umig.restorer import Restorer
 from umig.state import credentials, files, memory, mm, registers, rseq, signals, task
 
@@ -57,7 +57,10 @@ class RestoredProcess:
         """Post-copy: serve the process's missing pages until all have come, then let it go.
         Returns the process's end if it ended before all had come."""
         ended = self.pager.run(session, records, self.tracee)
-        self.tracee.detach()
+        try:
+            self.tracee.detach()
+        except TraceeExited as e:
+            ended = e.stop  # it ended as the last pages came: its move is complete all the same
         return ended
 
     def discard(self):
