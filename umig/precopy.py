@@ -81,6 +81,7 @@ class WriteTracker:
                 frozen.syscall_checked("close", SYS_CLOSE, fd)
                 fd = high
             self.fd = fd
+            self._inode = os.stat(procfs.proc_path(frozen.pid, f"fd/{fd}")).st_ino  # each its own
             calls = [Call("UFFDIO_API (write-protect, async)", SYS_IOCTL, fd, UFFDIO_API,
                           Buffer(data=struct.pack("<QQQ", UFFD_API, UFFD_FEATURE_WP_ASYNC, 0)))]
             calls += [Call(f"UFFDIO_REGISTER of mappings {start:x}-{end:x}", SYS_IOCTL, fd, memory.UFFDIO_REGISTER,
@@ -160,14 +161,20 @@ class WriteTracker:
     @property
     def fds(self):
         """Its descriptors in the process, which are umig's and do not travel: none once the
-        process has executed another program or exited (the number may be the new program's)."""
+        process has left it (the number may be a new program's)."""
         return () if self._outlived() else (self.fd,)
 
     def _outlived(self):
-        """Whether the memory it watches is gone: the process executed another program (its
-        userfaultfd, close-on-exec, went with the old memory) or exited. Our pagemap descriptor
-        holds that memory, and reads nothing once the process has let it go."""
-        return os.pread(self._pagemap, 8, 0) == b""
+        """Whether the process has left it: executed another program (its userfaultfd,
+        close-on-exec, went with the old memory), exited, or closed the descriptor itself. Our
+        pagemap descriptor holds the memory it watched, and reads nothing once no process uses
+        that memory; but another reader of it (ps reading the command line) may hold it a moment
+        longer, while the number no longer names this userfaultfd from the exec on."""
+        try:
+            ours = os.stat(procfs.proc_path(self.frozen.pid, f"fd/{self.fd}")).st_ino == self._inode
+        except OSError:
+            ours = False
+        return not ours or os.pread(self._pagemap, 8, 0) == b""
 
     def disarm(self):
         """Close the userfaultfd inside the (stopped) process: its mappings are unregistered."""
