@@ -645,20 +645,23 @@ def prepare(restorer, section, restorer_entries):
         if entry.path != "[vsyscall]" and not _VDSO_NAME.fullmatch(entry.path):
             restorer.unmap(entry.start, entry.size)
     hole_entry = procfs.MapsEntry(hole, hole + hole_size, "rwxp", 0, "", 0, "")
-    _move_vdso(restorer, [(e.start, e.size) for e in vdso_parts], section, hole_entry)
+    _move_vdso(restorer, [(e.path, e.start, e.size) for e in vdso_parts], section, hole_entry)
     _map_all(restorer, section, [hole_entry])
     return hole_entry
 
 
 def _move_vdso(restorer, parts, section, hole):
-    """Move the vDSO set (vvar, vdso: `parts`, (start, size) in order) to where `section` has it,
-    through a parking place at the end of the restorer's `hole`: the old and new places may
-    overlap."""
-    parking = hole.end - sum(size for _, size in parts)
-    for start, size in parts:
-        restorer.move(start, parking + start - parts[0][0], size)
-    for (start, size), mapping in zip(parts, (m for m in section["mappings"] if m["kind"] == "vdso")):
-        restorer.move(parking + start - parts[0][0], mapping["start"], size)
+    """Move each part of the vDSO set (vvar, vdso: `parts`, (path, start, size)) to where
+    `section` has the part of that name, through a parking place at the end of the restorer's
+    `hole`: the old and new places may overlap."""
+    places = {m["path"]: m["start"] for m in section["mappings"] if m["kind"] == "vdso"}
+    spot, parked = hole.end - sum(size for _, _, size in parts), []
+    for path, start, size in parts:
+        restorer.move(start, spot, size)
+        parked.append((path, spot, size))
+        spot += size
+    for path, spot, size in parked:
+        restorer.move(spot, places[path], size)
 
 
 def _would_merge(a, b):
@@ -737,8 +740,9 @@ def relayout(restorer, old, new, discard, hole):
     for m in old["mappings"]:
         if same_mapping(m) not in kept and m["kind"] not in ("vdso", "vsyscall"):
             restorer.unmap(m["start"], m["end"] - m["start"])
-    old_vdso = [(m["start"], m["end"] - m["start"]) for m in old["mappings"] if m["kind"] == "vdso"]
-    if old_vdso != [(m["start"], m["end"] - m["start"]) for m in new["mappings"] if m["kind"] == "vdso"]:
+    old_vdso, new_vdso = ([(m["path"], m["start"], m["end"] - m["start"]) for m in section["mappings"]
+                           if m["kind"] == "vdso"] for section in (old, new))
+    if sorted(old_vdso) != sorted(new_vdso):
         _move_vdso(restorer, old_vdso, new, hole)  # it executed another program (execve) meanwhile
     _map_all(restorer, new, [hole], built=kept)
     shared = spans(new, ("shared_anon",))
