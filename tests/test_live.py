@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -22,6 +23,7 @@ from umig import dump, precopy, procfs
 from umig.demo import compile_c
 from umig.errors import Refused
 from umig.state import memory
+from test_failures import assert_target_clean, migrate_expecting_failure
 from test_migrate import c_make, migrate_and_compare  # noqa: F401  (fixture)
 
 WRITER_MIB = "256"
@@ -334,8 +336,9 @@ def test_stopped_by_job_control_between_the_freezes(registry):
 
 
 def test_thawed_after_it_executed_another_program_between_the_freezes(registry):
-    """The write tracker's userfaultfd went with the old program (close-on-exec): the thaw
-    closes nothing in the new one, which here holds a file at that very number."""
+    """The write tracker's userfaultfd is gone from a process that executed another program
+    (close-on-exec; here the shell puts a file over that very number first): the thaw closes
+    nothing in the new program, whose file stays open."""
     child, frozen = _frozen_then_running(
         registry, argv=("bash", "-c", "ulimit -n 1024; read line; exec sleep 100 1023</dev/null"))
     assert frozen.tracker.fd == 1023
@@ -370,6 +373,7 @@ def test_it_executes_another_program_between_the_freezes(agent, registry, c_make
     while mover.is_alive() and not executed:
         with contextlib.suppress(OSError):
             executed = procfs.read_text(wl.pid, "cmdline").endswith("\0second\0")
+        time.sleep(0.001)
     mover.join()
     assert outcome, "the migration failed (its error is above)"
     info = outcome[0]
@@ -379,3 +383,18 @@ def test_it_executes_another_program_between_the_freezes(agent, registry, c_make
     wl.fire()
     assert agent.wait_exit(info["target_pid"], 60, since) == ("status", 0)
     assert_same_output(wl, ref)
+
+
+@pytest.mark.parametrize("mode", ["live", "lazy"])
+def test_it_ends_between_the_freezes(agent, registry, c_make, mode):
+    """The process ends while it runs between the freezes: the move is refused, saying so, and
+    nothing is left on the target; it ended as a run never moved does."""
+    make = c_make("execer", "ends-between", EXECER_MIB)
+    ref = reference_run(make("ref"))
+    wl = make("mig").start().wait_ready()
+    since = time.time()
+    line = migrate_expecting_failure(wl.pid, agent.target(), f"--{mode}")
+    assert f"pid {wl.pid} exited while umig copied it" in line, line
+    assert wl.wait_exit(30) == 0
+    assert_same_output(wl, ref)
+    assert_target_clean(agent, since, registry, markers=[wl.argv[0]])

@@ -62,7 +62,7 @@ class Frozen:
     def _seize(self):
         """Trace it (again, after run()): the process first frozen, not one that took its pid
         after it exited while it ran untraced."""
-        if self._pidfd is not None and self._gone():
+        if self._pidfd is not None and self.exited():
             raise Refused(f"pid {self.pid} exited while umig copied it")
         try:
             self.tracee.seize()
@@ -77,15 +77,18 @@ class Frozen:
             raise e
         if self._pidfd is None:
             self._pidfd = os.pidfd_open(self.pid)
-        elif self._gone():
+        elif self.exited():
             self.tracee.detach()
             raise Refused(f"pid {self.pid} exited while umig copied it")
 
-    def _gone(self):
-        """Whether the process first frozen has exited (its pidfd turns readable then)."""
+    def exited(self, wait=0.0):
+        """Whether the process first frozen has exited (its pidfd turns readable then), waiting
+        up to `wait` seconds for one that is on its way out."""
+        if self._pidfd is None:
+            return False
         poller = select.poll()
         poller.register(self._pidfd, select.POLLIN)
-        return bool(poller.poll(0))
+        return bool(poller.poll(wait * 1000))
 
     def stop(self):
         """Hold it still and take its CPU state (again, after run())."""

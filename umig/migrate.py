@@ -10,7 +10,7 @@ import os
 import time
 
 from umig import dump, image, postcopy, precopy
-from umig.errors import UmigError
+from umig.errors import Refused, UmigError
 from umig.phases import Phases
 from umig.procfs import PAGE_SIZE
 from umig.state import memory
@@ -60,18 +60,25 @@ def migrate(pid, target, requested_pid_mode="keep", timeout=60.0, live=False, la
             phases.mark("post-copy")
         frozen.release()
     except BaseException as e:
+        news = e
+        if isinstance(e, ProcessLookupError) and frozen is not None and frozen.exited(wait=1.0):
+            # Its memory read while it ran between the freezes (live, lazy), as it ended (its
+            # memory goes first: it may not have ended quite yet).
+            news = Refused(f"pid {pid} exited while umig copied it")
         try:
             if frozen is not None:
                 frozen.thaw()  # first: the source must not wait on the network
         except UmigError as failed:
             # The first failure is the news; a thaw that failed after it is news too.
-            raise UmigError(f"{e}; thawing the source failed then: {failed}") from e
+            raise UmigError(f"{news}; thawing the source failed then: {failed}") from e
         finally:
             try:
-                connection.send_control("abort", reason=(str(e) or type(e).__name__)[:300])
+                connection.send_control("abort", reason=(str(news) or type(news).__name__)[:300])
             except UmigError:
                 pass
-        raise
+        if news is e:
+            raise
+        raise news from e
     finally:
         connection.close()
     result = {"source_pid": pid, "target": connection.endpoint, "target_name": welcome.get("name"),
@@ -134,7 +141,7 @@ def _postcopy_start(frozen, state, writer, connection, phases, notice):
         try:
             present = memory.present_runs(frozen.pid, state["memory"]["mappings"])
         except UmigError:
-            present = []  # it executed another program meanwhile (or exited): the final freeze tells
+            present = []  # it executed another program as it was looked at: the final freeze tells
         ahead = postcopy.split(state, present, postcopy.neighbourhoods(state, present,
                                                                        frozen.tracker.written(again=False)))[0]
         dump.write_pages(writer, frozen.pid, ahead, tolerant=True)
