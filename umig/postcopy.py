@@ -261,8 +261,8 @@ class Pager:
 
     def _forget_memory(self):
         """The memory the userfaultfd fills has gone (ESRCH): the process executed another
-        program, or is ending (its end comes as a stop). No page still to come has anywhere to
-        go; the stream runs to its end with nothing placed."""
+        program, or is ending. No page still to come has anywhere to go: serving ends, and the
+        rest of the stream is let go (the agent drops it as the tail of a finished migration)."""
         self.memory_gone = True
         self.pending.take_all()
 
@@ -333,6 +333,11 @@ class Pager:
                     tracee.listen()  # stopped by job control: it stays so (detach keeps it too)
                 else:
                     tracee.cont(stop.signo if stop.kind == "signal" else 0)
+            if self.memory_gone:
+                # Kept traced until the rest has come, the new program would die with a source
+                # lost meanwhile, for pages it does not need.
+                self.close()
+                return None
             while from_source(session.ready):
                 # Faults first, between every record: a process waiting on one page must not wait
                 # for the whole background stream that is queued before its answer.
@@ -341,6 +346,8 @@ class Pager:
                 record = from_source(next, records)
                 if record.kind == "pages":
                     self.place(record.meta["runs"], record.payload, fetch)
+                    if self.memory_gone:
+                        break
                     from_source(session.send, "placed")
                 elif record.kind == "end":
                     if self.pending.count:
