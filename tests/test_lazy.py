@@ -7,6 +7,7 @@ import signal
 import subprocess
 import time
 
+import psutil
 import pytest
 
 from conftest import (alive, assert_maps_equal, assert_same_output, c_workload, migrate, proc_state, read_maps,
@@ -142,6 +143,32 @@ def test_lazy_source_lost_during_postcopy(agent_factory, registry, workloads, tm
     assert_writer_exact(workloads, src.stdout(), "1024")
 
 
+def test_lazy_source_lost_after_the_process_forked(agent_factory, registry, workloads, tmp_path):
+    """`umig migrate` dies while pages are still coming to a process that has forked children
+    on the target: the children's memory would never be whole either, and they are killed with
+    it. The source, thawed, goes on."""
+    target = agent_factory("stranded")
+    src = c_workload(workloads, "forker", tmp_path / "src", "1024", "waits", registry=registry)
+    src.start().wait_ready()
+    mark = target.mark()
+    # --pid any: no PID namespace, whose end would take the children along anyway.
+    client = subprocess.Popen(umig_cmd("migrate", src.pid, target.target(), "--lazy", "--pid", "any"),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=umig_env())
+    restored = int(target.wait_for_line(rf"^stranded: pid {src.pid} running as (\d+); post-copy", 60, mark)[1])
+    registry.remember(restored)
+    family = []
+    wait_until(lambda: family.__setitem__(slice(None), psutil.Process(restored).children(recursive=True))
+               or len(family) == 2, 30, "the restored process's child and grandchild")
+    client.kill()
+    client.wait(30)
+    target.wait_for_line(rf"^stranded: pid {src.pid} failed: the source was lost during post-copy", 60, mark)
+    wait_until(lambda: not any(alive(p.pid) for p in family) and not alive(restored), 30,
+               "the stranded process and its children to be killed")
+    target.assert_alive()
+    src.fire()
+    assert src.wait_exit(60) == 0
+
+
 def test_lazy_job_control_stop_during_postcopy_is_kept(agent, registry, workloads, tmp_path):
     """SIGSTOP while pages are still coming: the process is still stopped once all have come,
     and goes on correctly after SIGCONT."""
@@ -189,6 +216,32 @@ def test_lazy_it_leaves_its_memory_while_its_pages_arrive(agent, registry, c_mak
     if when == "resumed":
         assert agent.wait_exit(info["target_pid"], 60, since) == ("status", 0)
     assert_same_output(wl, ref)
+
+
+@pytest.mark.parametrize("family", ["waits", "leaves"])
+def test_lazy_children_forked_while_its_pages_arrive(agent, registry, c_make, family):
+    """Resumed on the target, the process at once forks a child, which forks a grandchild, all
+    while its memory is still arriving: their copies of the pages still missing arrive too (the
+    kernel would fill them with zeros). Or the process ends at once, as a daemon's first process
+    does, and its child, which sums the memory, still gets every page."""
+    make = c_make("forker", "128", family)
+    ref = reference_run(make("ref"))
+    wl = make("mig").start().wait_ready()
+    since = agent.mark()
+    info = migrate(wl.pid, agent.target(), "--lazy")
+    registry.remember(info["target_pid"])
+    forks = 2 if family == "waits" else 1
+    agent.wait_for_line(rf"^{agent.name}: restored pid {info['target_pid']} \(or a child of its\) forked during "
+                        rf"post-copy: {forks} processes", 30, since)
+    wl.wait_exit(30)
+    wl.fire()
+    if family == "waits":
+        assert agent.wait_exit(info["target_pid"], 60, since) == ("status", 0)
+        assert_same_output(wl, ref)
+    else:
+        for run in (wl, ref):
+            wait_until(lambda: (run.dir / "child.txt").exists(), 30, f"the {run.name} child's sum")
+        assert_same_output(wl, ref, files=("child.txt",))
 
 
 @pytest.mark.parametrize("mode", ["lazy", "live"])

@@ -110,7 +110,7 @@ class Agent:
             restored.resume()
             session.send("running", target_pid=restored.pid, steps=restored.phases.steps)
             if restored.pager:
-                self.log(f"pid {pid} running as {restored.pid}; post-copy of {restored.pager.pending.count} pages")
+                self.log(f"pid {pid} running as {restored.pid}; post-copy of {restored.pager.missing} pages")
                 ended = restored.complete(session, reader)
                 session.send("complete", faults=restored.pager.faults)
                 if ended:
@@ -119,6 +119,9 @@ class Agent:
                 elif restored.pager.memory_gone:
                     self.log(f"restored pid {restored.pid} executed another program during post-copy: "
                              "the pages still to come were not needed")
+                if restored.pager.forks:
+                    self.log(f"restored pid {restored.pid} (or a child of its) forked during post-copy: "
+                             f"{restored.pager.forks} processes, whose pages came too")
         except Exception as e:
             if restored is not None:
                 restored.discard()

@@ -10,11 +10,15 @@ streams all the others in the background. The source is released only when every
 page has arrived.
 
 Until then the agent stays the process's tracer (with PTRACE_O_EXITKILL): an agent that dies takes
-the process with it, rather than letting the kernel fill its missing pages with zeros. A source
+the process with it, rather than letting the kernel fill its missing pages with zeros. A child the
+process forks meanwhile gets a userfaultfd of its own from the kernel (UFFD_EVENT_FORK), and the
+pages still missing at the fork come to it too; a process that executes another program or ends
+needs none any more. A source
 lost during post-copy cannot be recovered: the agent kills the process and says so; the source
 side, which still holds the original frozen, resumes it from the moment it was frozen.
 """
 import bisect
+import copy
 import ctypes
 import errno
 import os
@@ -51,11 +55,15 @@ RESUME_BURST = 0.05
 # While pages are missing the source streams without pause: this long a silence means it is gone.
 SOURCE_SILENCE = 10.0
 
-UFFD_EVENT_PAGEFAULT, UFFD_EVENT_REMAP, UFFD_EVENT_REMOVE, UFFD_EVENT_UNMAP = 0x12, 0x14, 0x15, 0x16
+UFFD_EVENT_PAGEFAULT, UFFD_EVENT_FORK, UFFD_EVENT_REMAP, UFFD_EVENT_REMOVE, UFFD_EVENT_UNMAP = (
+    0x12, 0x13, 0x14, 0x15, 0x16)
 UFFDIO_ZEROPAGE = 0xC020AA04
-UFFD_FEATURE_EVENT_REMAP, UFFD_FEATURE_EVENT_REMOVE, UFFD_FEATURE_EVENT_UNMAP = 1 << 2, 1 << 3, 1 << 6
-# The agent must learn of ranges the process drops or moves before their pages come.
-LAZY_FEATURES = UFFD_FEATURE_EVENT_REMAP | UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_EVENT_UNMAP
+UFFD_FEATURE_EVENT_FORK, UFFD_FEATURE_EVENT_REMAP, UFFD_FEATURE_EVENT_REMOVE, UFFD_FEATURE_EVENT_UNMAP = (
+    1 << 1, 1 << 2, 1 << 3, 1 << 6)
+# The agent must learn of ranges the process drops or moves before their pages come, and of the
+# children it forks: without their own userfaultfd, the kernel would fill their copies of the
+# missing pages with zeros.
+LAZY_FEATURES = UFFD_FEATURE_EVENT_FORK | UFFD_FEATURE_EVENT_REMAP | UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_EVENT_UNMAP
 # The tracker is disarmed in the final freeze, which unprotects every page it watched: about 8 ms
 # per GiB here. Heaps larger than this are not watched for a working set.
 WORKING_SET_WATCH_LIMIT = 64 << 20
@@ -177,73 +185,113 @@ class PendingPages:
         self.count -= 1
         return True
 
+    def copy(self):
+        """An independent copy: a child forked meanwhile misses what its parent missed."""
+        twin = copy.copy(self)
+        twin.bits = [bytearray(bits) for bits in self.bits]
+        return twin
+
     def take_all(self):
         """Mark every page no longer wanted."""
         self.bits = [bytearray(len(bits)) for bits in self.bits]
         self.count = 0
 
 
-class Pager:
-    """The agent's side of post-copy for one process: its userfaultfd, the pages still missing,
-    and where the process moved memory meanwhile (mremap)."""
+class Filling:
+    """One memory being filled through a userfaultfd: the restored process's, or that of a child
+    it forked meanwhile (the kernel hands over the child's copy registered alike, with the same
+    pages missing). Its missing pages, by source address, and where it moved memory (mremap)."""
 
-    def __init__(self, restorer, section, lazy_runs):
-        self.pending = PendingPages(lazy_runs)
-        self.remaps = []  # (from, to, length) in the order the process made them
-        self.requested = set()
-        self.faults = 0
-        self.memory_gone = False  # the process left the memory being filled (execve, or its end)
-        self.fd = memory.userfaultfd(restorer, memory.spans(section, LAZY_KINDS), LAZY_FEATURES)  # last: nothing fails after
+    def __init__(self, fd, pending, remaps=()):
+        self.fd = fd
+        self.pending = pending
+        self.remaps = list(remaps)  # (from, to, length) in the order the process made them
+        self.gone = False  # the process left it (execve, or its end): UFFDIO_* answer ESRCH
+
+    def fork(self, fd):
+        """The child's copy, as this memory is at the fork."""
+        return Filling(fd, self.pending.copy(), self.remaps)
 
     def close(self):
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
 
-    def _to_target(self, address):
+    def to_target(self, address):
         for frm, to, length in self.remaps:
             if frm <= address < frm + length:
                 address += to - frm
         return address
 
-    def _to_source(self, address):
+    def to_source(self, address):
         for frm, to, length in reversed(self.remaps):
             if to <= address < to + length:
                 address += frm - to
         return address
 
-    def _ioctl(self, request, arg):
+    def ioctl(self, request, arg):
         if _libc.ioctl(self.fd, ctypes.c_ulong(request), ctypes.byref(arg)) < 0:
             return ctypes.get_errno()
         return 0
 
-    def place(self, runs, payload, fetch):
-        """Copy the pages of a record that are still missing into the process, whole stretches
-        at a time; pages it already has or no longer maps are skipped."""
-        with memory.buffer_address(payload) as base:
-            offset = 0
-            for start, length in runs:
-                page = start
-                while page < start + length:
-                    if not self.pending.missing(page):
-                        page += PAGE_SIZE
-                        continue
-                    end = page
-                    while end < start + length and self.pending.missing(end):
-                        end += PAGE_SIZE
-                    page = self._copy(page, end, base + offset - start, fetch)
-                offset += length
+    def leave(self):
+        """No page still to come has anywhere to go here any more."""
+        self.gone = True
+        self.pending.take_all()
+        self.close()
 
-    def _copy(self, page, end, source_base, fetch):
+
+class Pager:
+    """The agent's side of post-copy for one process: the memories being filled (its own, and
+    those of children it forks meanwhile) and the pages asked of the source."""
+
+    def __init__(self, restorer, section, lazy_runs):
+        self.requested = set()
+        self.faults = 0
+        self.forks = 0
+        # last: nothing fails after
+        fd = memory.userfaultfd(restorer, memory.spans(section, LAZY_KINDS), LAZY_FEATURES)
+        self.process = Filling(fd, PendingPages(lazy_runs))
+        self.fillings = [self.process]
+        self.poller = zmq.Poller()
+        self.poller.register(fd, zmq.POLLIN)
+
+    @property
+    def missing(self):
+        return sum(filling.pending.count for filling in self.fillings)
+
+    def close(self):
+        for filling in self.fillings:
+            filling.close()
+
+    def place(self, runs, payload, fetch):
+        """Copy the pages of a record that are still missing into each memory being filled,
+        whole stretches at a time; pages one already has or no longer maps are skipped."""
+        with memory.buffer_address(payload) as base:
+            for filling in list(self.fillings):
+                offset = 0
+                for start, length in runs:
+                    page = start
+                    while page < start + length and not filling.gone:
+                        if not filling.pending.missing(page):
+                            page += PAGE_SIZE
+                            continue
+                        end = page
+                        while end < start + length and filling.pending.missing(end):
+                            end += PAGE_SIZE
+                        page = self._copy(filling, page, end, base + offset - start, fetch)
+                    offset += length
+
+    def _copy(self, filling, page, end, source_base, fetch):
         """UFFDIO_COPY of the missing pages [page, end) (source addresses); returns where the
         caller goes on from. Pages count as arrived only once the kernel says they did."""
-        target = self._to_target(page)
+        target = filling.to_target(page)
         # One ioctl per stretch, unless the process moved part of it (mremap) meanwhile.
-        whole = self._to_target(end - PAGE_SIZE) == target + (end - PAGE_SIZE - page)
+        whole = filling.to_target(end - PAGE_SIZE) == target + (end - PAGE_SIZE - page)
         length = end - page if whole else PAGE_SIZE
-        done, err = memory.uffdio_copy(self.fd, target, source_base + page, length)
+        done, err = memory.uffdio_copy(filling.fd, target, source_base + page, length)
         for arrived in range(page, page + done, PAGE_SIZE):
-            self.pending.take(arrived)
+            filling.pending.take(arrived)
         if err == 0 or done:
             return page + done
         if err == errno.EAGAIN:  # the layout is changing: learn how from its events, then retry
@@ -251,69 +299,81 @@ class Pager:
             return page
         if err in (errno.EEXIST, errno.ENOENT):
             if length > PAGE_SIZE:  # perhaps only part of the stretch: page by page
-                return self._copy(page, page + PAGE_SIZE, source_base, fetch)
-            self.pending.take(page)  # already there, or no longer mapped: nothing to bring
+                return self._copy(filling, page, page + PAGE_SIZE, source_base, fetch)
+            filling.pending.take(page)  # already there, or no longer mapped: nothing to bring
             return page + PAGE_SIZE
         if err == errno.ESRCH:
-            self._forget_memory()
+            self._leave(filling)
             return end
         raise UmigError(f"UFFDIO_COPY at {target:#x} failed: {os.strerror(err)}")
 
-    def _forget_memory(self):
-        """The memory the userfaultfd fills has gone (ESRCH): the process executed another
-        program, or is ending. No page still to come has anywhere to go: serving ends, and the
-        rest of the stream is let go (the agent drops it as the tail of a finished migration)."""
-        self.memory_gone = True
-        self.pending.take_all()
+    def _leave(self, filling):
+        """The process left this memory: it executed another program, or is ending. For the
+        restored process itself, serving ends once no child's memory is being filled either; the
+        rest of the stream is let go then (the agent drops it as the tail of a finished
+        migration)."""
+        self.poller.unregister(filling.fd)
+        filling.leave()
+
+    @property
+    def memory_gone(self):
+        """Whether the restored process has left the memory being filled (execve, or its end)."""
+        return self.process.gone
 
     def events(self, fetch):
-        """Handle what the process did: faults are fetched (or zero-filled where the source had no
-        page), dropped and moved ranges noted."""
-        while True:
-            try:
-                raw = os.read(self.fd, _MSG.size * 64)
-            except BlockingIOError:
-                return
-            for i in range(0, len(raw), _MSG.size):
-                event, _, _, _, arg = _MSG.unpack_from(raw, i)
-                if event == UFFD_EVENT_PAGEFAULT:
-                    self._fault(struct.unpack_from("<QQ", arg)[1] & ~(PAGE_SIZE - 1), fetch)
-                elif event == UFFD_EVENT_REMAP:
-                    self.remaps.append(struct.unpack_from("<QQQ", arg))
-                elif event in (UFFD_EVENT_REMOVE, UFFD_EVENT_UNMAP):
-                    start, end = struct.unpack_from("<QQ", arg)
-                    for page in range(start, end, PAGE_SIZE):
-                        self.pending.take(self._to_source(page))
+        """Handle what the processes did: faults are fetched (or zero-filled where the source had
+        no page), dropped and moved ranges noted, children's copies taken over."""
+        for filling in list(self.fillings):
+            while not filling.gone:
+                try:
+                    raw = os.read(filling.fd, _MSG.size * 64)
+                except BlockingIOError:
+                    break
+                for i in range(0, len(raw), _MSG.size):
+                    event, _, _, _, arg = _MSG.unpack_from(raw, i)
+                    if event == UFFD_EVENT_PAGEFAULT:
+                        self._fault(filling, struct.unpack_from("<QQ", arg)[1] & ~(PAGE_SIZE - 1), fetch)
+                    elif event == UFFD_EVENT_FORK:
+                        self.forks += 1
+                        child = filling.fork(struct.unpack_from("<I", arg)[0])
+                        self.fillings.append(child)
+                        self.poller.register(child.fd, zmq.POLLIN)
+                    elif event == UFFD_EVENT_REMAP:
+                        filling.remaps.append(struct.unpack_from("<QQQ", arg))
+                    elif event in (UFFD_EVENT_REMOVE, UFFD_EVENT_UNMAP):
+                        start, end = struct.unpack_from("<QQ", arg)
+                        for page in range(start, end, PAGE_SIZE):
+                            filling.pending.take(filling.to_source(page))
 
-    def _fault(self, address, fetch):
+    def _fault(self, filling, address, fetch):
         self.faults += 1
-        source = self._to_source(address)
-        if self.pending.missing(source):
+        source = filling.to_source(address)
+        if filling.pending.missing(source):
             if source not in self.requested:
                 self.requested.add(source)
                 fetch(source)
             return
         zero = _UffdioZeropage(start=address, len=PAGE_SIZE)
-        err = self._ioctl(UFFDIO_ZEROPAGE, zero)
+        err = filling.ioctl(UFFDIO_ZEROPAGE, zero)
         if err == errno.ESRCH:
-            self._forget_memory()
+            self._leave(filling)
         elif err not in (0, errno.EEXIST, errno.ENOENT, errno.EAGAIN):
             raise UmigError(f"UFFDIO_ZEROPAGE at {address:#x} failed: {os.strerror(err)}")
 
     def run(self, session, records, tracee):
-        """Serve the process until every page is in, passing its signals on meanwhile. Returns
-        the process's end if it ended first (its move is complete then: it ran to its end there)."""
-        poller = zmq.Poller()
-        poller.register(self.fd, zmq.POLLIN)
-        poller.register(session.socket, zmq.POLLIN)
+        """Serve the process (and the children it forks meanwhile) until every page is in,
+        passing its signals on meanwhile. Returns the process's end if it ended first (its move is
+        complete then: it ran to its end there)."""
+        self.poller.register(session.socket, zmq.POLLIN)
         last_heard = last_ping = time.monotonic()
+        ended = None
 
         def from_source(call, *args, **meta):
             """Whatever goes wrong between us and the source now is the unrecoverable case."""
             try:
                 return call(*args, **meta)
             except UmigError as e:
-                raise UmigError(f"the source was lost during post-copy ({e}) with {self.pending.count} pages "
+                raise UmigError(f"the source was lost during post-copy ({e}) with {self.missing} pages "
                                 "still there: the process cannot go on") from None
 
         def fetch(address):
@@ -322,22 +382,27 @@ class Pager:
         def silent():
             raise UmigError(f"it fell silent for {SOURCE_SILENCE:g} s")
 
+        def nothing_to_fill():
+            # Ended, or executed another program: kept traced until the rest had come, the new
+            # program would die with a source lost meanwhile, for pages it does not need. A child
+            # it forked may still need them, though.
+            return all(filling.gone for filling in self.fillings)
+
         while True:
             self.events(fetch)
-            stop = tracee.poll_stop()
+            stop = tracee.poll_stop() if ended is None else None
             if stop is not None:
                 if not stop.stopped:
-                    self.close()
-                    return stop
-                if stop.group_stop:
+                    ended = stop
+                    if not self.process.gone:
+                        self._leave(self.process)
+                elif stop.group_stop:
                     tracee.listen()  # stopped by job control: it stays so (detach keeps it too)
                 else:
                     tracee.cont(stop.signo if stop.kind == "signal" else 0)
-            if self.memory_gone:
-                # Kept traced until the rest has come, the new program would die with a source
-                # lost meanwhile, for pages it does not need.
+            if nothing_to_fill():
                 self.close()
-                return None
+                return ended
             while from_source(session.ready):
                 # Faults first, between every record: a process waiting on one page must not wait
                 # for the whole background stream that is queued before its answer.
@@ -346,18 +411,18 @@ class Pager:
                 record = from_source(next, records)
                 if record.kind == "pages":
                     self.place(record.meta["runs"], record.payload, fetch)
-                    if self.memory_gone:
+                    if nothing_to_fill():
                         break
                     from_source(session.send, "placed")
                 elif record.kind == "end":
-                    if self.pending.count:
-                        raise UmigError(f"the source ended its stream with {self.pending.count} pages missing")
+                    if self.missing:
+                        raise UmigError(f"the source ended its stream with {self.missing} pages missing")
                     self.close()
-                    return None
+                    return ended
             silence = time.monotonic() - last_heard
             if silence > SOURCE_SILENCE:
                 from_source(silent)
             if silence > PING_INTERVAL and time.monotonic() - last_ping > PING_INTERVAL:
                 last_ping = time.monotonic()
                 from_source(session.check_source)
-            poller.poll(50)
+            self.poller.poll(50)

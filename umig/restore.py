@@ -5,7 +5,10 @@ restore → resume: the restorer rebuilds the process from inside (freestanding 
 command per step; at its last syscall, the munmap of its own code, the agent (its tracer) installs
 the final registers, xsave state and signal mask, and lets it run only on commit.
 """
+import contextlib
 import os
+
+import psutil
 
 from umig import postcopy, procfs
 from umig.phases import Phases
@@ -64,6 +67,12 @@ class RestoredProcess:
         return ended
 
     def discard(self):
+        if self.pager and self.pager.forks:
+            # Children it forked during post-copy hold copies of memory that will not all come.
+            with contextlib.suppress(psutil.Error):
+                for child in psutil.Process(self.pid).children(recursive=True):
+                    with contextlib.suppress(psutil.Error):
+                        child.kill()
         self.restorer.kill()
         if self.pager:
             self.pager.close()
