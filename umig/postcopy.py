@@ -18,17 +18,21 @@ lost during post-copy cannot be recovered: the agent kills the process and says 
 side, which still holds the original frozen, resumes it from the moment it was frozen.
 """
 import bisect
+import contextlib
 import copy
 import ctypes
 import errno
 import os
 import struct
+import threading
 import time
 
 import zmq
 
-from umig import image, precopy
+from umig import image, precopy, procfs
 from umig.errors import UmigError
+from umig.ptrace import (PTRACE_EVENT_FORK, PTRACE_EVENT_VFORK, PTRACE_O_EXITKILL, PTRACE_O_TRACEFORK,
+                         PTRACE_O_TRACEVFORK, Tracee, TraceeExited)
 from umig.procfs import PAGE_SIZE
 from umig.state import memory
 from umig.transport import PING_INTERVAL
@@ -191,11 +195,6 @@ class PendingPages:
         twin.bits = [bytearray(bits) for bits in self.bits]
         return twin
 
-    def take_all(self):
-        """Mark every page no longer wanted."""
-        self.bits = [bytearray(len(bits)) for bits in self.bits]
-        self.count = 0
-
 
 class Filling:
     """One memory being filled through a userfaultfd: the restored process's, or that of a child
@@ -237,18 +236,27 @@ class Filling:
     def leave(self):
         """No page still to come has anywhere to go here any more."""
         self.gone = True
-        self.pending.take_all()
+        self.pending = PendingPages([])
         self.close()
+
+
+# Followed while pages are still coming: the kernel attaches a forked child to the agent, with
+# PTRACE_O_EXITKILL too (an agent that dies takes it along, rather than leaving it zeros), and
+# says its pid (a move that fails must kill it: its memory cannot be whole either).
+FAMILY_OPTIONS = PTRACE_O_EXITKILL | PTRACE_O_TRACEFORK | PTRACE_O_TRACEVFORK
 
 
 class Pager:
     """The agent's side of post-copy for one process: the memories being filled (its own, and
-    those of children it forks meanwhile) and the pages asked of the source."""
+    those of children it forks meanwhile), the family of processes traced meanwhile, and the
+    pages asked of the source."""
 
     def __init__(self, restorer, section, lazy_runs):
         self.requested = set()
         self.faults = 0
         self.forks = 0
+        self.family = []  # ptrace.Tracee of the process and the children it forks, while traced
+        self._zero_later = []  # faults on pages with nothing to come, met while the layout changed
         # last: nothing fails after
         fd = memory.userfaultfd(restorer, memory.spans(section, LAZY_KINDS), LAZY_FEATURES)
         self.process = Filling(fd, PendingPages(lazy_runs))
@@ -260,16 +268,24 @@ class Pager:
     def missing(self):
         return sum(filling.pending.count for filling in self.fillings)
 
+    @property
+    def memory_gone(self):
+        """Whether the restored process has left the memory being filled (execve, or its end)."""
+        return self.process.gone
+
     def close(self):
         for filling in self.fillings:
             filling.close()
 
     def place(self, runs, payload, fetch):
         """Copy the pages of a record that are still missing into each memory being filled,
-        whole stretches at a time; pages one already has or no longer maps are skipped."""
+        whole stretches at a time; pages one already has or no longer maps are skipped. A child
+        forked meanwhile (its event read while a copy waits) gets the record's pages too."""
         with memory.buffer_address(payload) as base:
-            for filling in list(self.fillings):
-                offset = 0
+            i = 0
+            while i < len(self.fillings):
+                filling, offset = self.fillings[i], 0
+                i += 1
                 for start, length in runs:
                     page = start
                     while page < start + length and not filling.gone:
@@ -308,42 +324,43 @@ class Pager:
         raise UmigError(f"UFFDIO_COPY at {target:#x} failed: {os.strerror(err)}")
 
     def _leave(self, filling):
-        """The process left this memory: it executed another program, or is ending. For the
-        restored process itself, serving ends once no child's memory is being filled either; the
-        rest of the stream is let go then (the agent drops it as the tail of a finished
-        migration)."""
+        """The process left this memory: it executed another program, or is ending. Serving
+        ends once every memory is whole or left; the rest of the stream is let go then (the agent
+        drops it as the tail of a finished migration)."""
         self.poller.unregister(filling.fd)
         filling.leave()
-
-    @property
-    def memory_gone(self):
-        """Whether the restored process has left the memory being filled (execve, or its end)."""
-        return self.process.gone
 
     def events(self, fetch):
         """Handle what the processes did: faults are fetched (or zero-filled where the source had
         no page), dropped and moved ranges noted, children's copies taken over."""
-        for filling in list(self.fillings):
+        for filling in self.fillings:  # a child's, appended meanwhile, is read in this pass too
             while not filling.gone:
                 try:
                     raw = os.read(filling.fd, _MSG.size * 64)
                 except BlockingIOError:
                     break
                 for i in range(0, len(raw), _MSG.size):
-                    event, _, _, _, arg = _MSG.unpack_from(raw, i)
-                    if event == UFFD_EVENT_PAGEFAULT:
-                        self._fault(filling, struct.unpack_from("<QQ", arg)[1] & ~(PAGE_SIZE - 1), fetch)
-                    elif event == UFFD_EVENT_FORK:
-                        self.forks += 1
-                        child = filling.fork(struct.unpack_from("<I", arg)[0])
-                        self.fillings.append(child)
-                        self.poller.register(child.fd, zmq.POLLIN)
-                    elif event == UFFD_EVENT_REMAP:
-                        filling.remaps.append(struct.unpack_from("<QQQ", arg))
-                    elif event in (UFFD_EVENT_REMOVE, UFFD_EVENT_UNMAP):
-                        start, end = struct.unpack_from("<QQ", arg)
-                        for page in range(start, end, PAGE_SIZE):
-                            filling.pending.take(filling.to_source(page))
+                    if filling.gone:
+                        break
+                    self._event(filling, *_MSG.unpack_from(raw, i), fetch)
+        retry, self._zero_later = self._zero_later, []
+        for filling, address in retry:
+            self._zero(filling, address)
+
+    def _event(self, filling, event, _1, _2, _3, arg, fetch):
+        if event == UFFD_EVENT_PAGEFAULT:
+            self._fault(filling, struct.unpack_from("<QQ", arg)[1] & ~(PAGE_SIZE - 1), fetch)
+        elif event == UFFD_EVENT_FORK:
+            self.forks += 1
+            child = filling.fork(struct.unpack_from("<I", arg)[0])
+            self.fillings.append(child)
+            self.poller.register(child.fd, zmq.POLLIN)
+        elif event == UFFD_EVENT_REMAP:
+            filling.remaps.append(struct.unpack_from("<QQQ", arg))
+        elif event in (UFFD_EVENT_REMOVE, UFFD_EVENT_UNMAP):
+            start, end = struct.unpack_from("<QQ", arg)
+            for page in range(start, end, PAGE_SIZE):
+                filling.pending.take(filling.to_source(page))
 
     def _fault(self, filling, address, fetch):
         self.faults += 1
@@ -353,17 +370,41 @@ class Pager:
                 self.requested.add(source)
                 fetch(source)
             return
-        zero = _UffdioZeropage(start=address, len=PAGE_SIZE)
-        err = filling.ioctl(UFFDIO_ZEROPAGE, zero)
-        if err == errno.ESRCH:
+        self._zero(filling, address)
+
+    def _zero(self, filling, address):
+        """A zero page where the source had none (the faulting process waits for it)."""
+        if filling.gone:
+            return
+        err = filling.ioctl(UFFDIO_ZEROPAGE, _UffdioZeropage(start=address, len=PAGE_SIZE))
+        if err == errno.EAGAIN:  # the layout is changing (a fork, a move): after its events
+            self._zero_later.append((filling, address))
+        elif err == errno.ESRCH:
             self._leave(filling)
-        elif err not in (0, errno.EEXIST, errno.ENOENT, errno.EAGAIN):
+        elif err not in (0, errno.EEXIST, errno.ENOENT):
             raise UmigError(f"UFFDIO_ZEROPAGE at {address:#x} failed: {os.strerror(err)}")
+
+    def _follow(self, member, stop):
+        """Pass a stop of the process or a child of its on: forks add to the family."""
+        if stop.group_stop:
+            member.listen()  # stopped by job control: it stays so (detach keeps it too)
+            return
+        self._adopt(member, stop)
+        member.cont(stop.signo if stop.kind == "signal" else 0)
+
+    def _adopt(self, member, stop):
+        """The child a fork stop of `member` tells of, now traced too (or None)."""
+        if stop.kind == "event" and stop.event in (PTRACE_EVENT_FORK, PTRACE_EVENT_VFORK):
+            child = Tracee.adopted(member.event_message())
+            self.family.append(child)
+            return child
+        return None
 
     def run(self, session, records, tracee):
         """Serve the process (and the children it forks meanwhile) until every page is in,
-        passing its signals on meanwhile. Returns the process's end if it ended first (its move is
-        complete then: it ran to its end there)."""
+        passing their signals on meanwhile. Returns the process's end if it ended first (its move
+        is complete then: it ran to its end there)."""
+        self.family = [tracee]
         self.poller.register(session.socket, zmq.POLLIN)
         last_heard = last_ping = time.monotonic()
         ended = None
@@ -386,22 +427,24 @@ class Pager:
             # Ended, or executed another program: kept traced until the rest had come, the new
             # program would die with a source lost meanwhile, for pages it does not need. A child
             # it forked may still need them, though.
-            return all(filling.gone for filling in self.fillings)
+            self.fillings = [filling for filling in self.fillings if not filling.gone]
+            return not self.fillings
 
         while True:
             self.events(fetch)
-            stop = tracee.poll_stop() if ended is None else None
-            if stop is not None:
-                if not stop.stopped:
+            for member in list(self.family):
+                stop = member.poll_stop()
+                if stop is None:
+                    continue
+                if stop.stopped:
+                    self._follow(member, stop)
+                    continue
+                self.family.remove(member)
+                if member is tracee:
                     ended = stop
                     if not self.process.gone:
                         self._leave(self.process)
-                elif stop.group_stop:
-                    tracee.listen()  # stopped by job control: it stays so (detach keeps it too)
-                else:
-                    tracee.cont(stop.signo if stop.kind == "signal" else 0)
             if nothing_to_fill():
-                self.close()
                 return ended
             while from_source(session.ready):
                 # Faults first, between every record: a process waiting on one page must not wait
@@ -426,3 +469,34 @@ class Pager:
                 last_ping = time.monotonic()
                 from_source(session.check_source)
             self.poller.poll(50)
+
+    def release(self, tracee):
+        """Every page is in (or nothing needs one): let the family go on untraced. Returns the
+        end of the process (`tracee`) if it ended as the last pages came. The youngest go first:
+        a parent in vfork() stops only once its child has executed or ended; a child forked on
+        the way goes at once."""
+        def forked_meanwhile(member):
+            return lambda stop: self._release(self._adopt(member, stop))
+
+        ended = None
+        for member in reversed(list(self.family)):
+            try:
+                member.detach(seen=forked_meanwhile(member))
+            except TraceeExited as e:
+                if member is tracee:
+                    ended = e.stop
+        return ended
+
+    @staticmethod
+    def _release(child):
+        if child is not None:
+            with contextlib.suppress(TraceeExited):
+                child.detach()
+
+    def kill_children(self, tracee):
+        """The move failed: the children the process (`tracee`) forked meanwhile, whose memory
+        cannot be whole either, go with it. All of them are traced by this thread until the move
+        completes, even one whose fork was not reported yet."""
+        for pid in procfs.traced_by(threading.get_native_id()):
+            if pid != tracee.pid:
+                Tracee.adopted(pid).kill()

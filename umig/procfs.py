@@ -147,6 +147,19 @@ def children(pid):
     return [int(p) for p in text.split()]
 
 
+def traced_by(tracer):
+    """The processes `tracer` (a thread id) traces now."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if status(entry).get("TracerPid") == str(tracer):
+                    found.append(int(entry))
+            except (UmigError, OSError):
+                pass  # gone meanwhile
+    return found
+
+
 def fd_numbers(pid):
     try:
         return sorted(int(fd) for fd in os.listdir(proc_path(pid, "fd")))

@@ -48,6 +48,8 @@ PTRACE_SYSCALL = 24
 PTRACE_GETSIGINFO = 0x4202
 PTRACE_GETREGSET = 0x4204
 PTRACE_SETREGSET = 0x4205
+PTRACE_SETOPTIONS = 0x4200
+PTRACE_GETEVENTMSG = 0x4201
 PTRACE_SEIZE = 0x4206
 PTRACE_INTERRUPT = 0x4207
 PTRACE_LISTEN = 0x4208
@@ -58,8 +60,12 @@ PTRACE_GET_SYSCALL_INFO = 0x420E
 PTRACE_GET_RSEQ_CONFIGURATION = 0x420F
 
 PTRACE_O_TRACESYSGOOD = 0x01
+PTRACE_O_TRACEFORK = 0x02
+PTRACE_O_TRACEVFORK = 0x04
 PTRACE_O_EXITKILL = 0x100000
 
+PTRACE_EVENT_FORK = 1
+PTRACE_EVENT_VFORK = 2
 PTRACE_EVENT_STOP = 128
 PTRACE_PEEKSIGINFO_SHARED = 1
 
@@ -75,6 +81,7 @@ _REQUEST_NAMES = {
     PTRACE_SETREGS: "PTRACE_SETREGS", PTRACE_DETACH: "PTRACE_DETACH", PTRACE_SYSCALL: "PTRACE_SYSCALL",
     PTRACE_GETSIGINFO: "PTRACE_GETSIGINFO", PTRACE_GETREGSET: "PTRACE_GETREGSET",
     PTRACE_SETREGSET: "PTRACE_SETREGSET", PTRACE_SEIZE: "PTRACE_SEIZE",
+    PTRACE_SETOPTIONS: "PTRACE_SETOPTIONS", PTRACE_GETEVENTMSG: "PTRACE_GETEVENTMSG",
     PTRACE_INTERRUPT: "PTRACE_INTERRUPT",
     PTRACE_PEEKSIGINFO: "PTRACE_PEEKSIGINFO", PTRACE_GETSIGMASK: "PTRACE_GETSIGMASK",
     PTRACE_SETSIGMASK: "PTRACE_SETSIGMASK", PTRACE_GET_SYSCALL_INFO: "PTRACE_GET_SYSCALL_INFO",
@@ -496,6 +503,26 @@ class Tracee:
 
     # -- attach, stop, resume --------------------------------------------------------------------
 
+    @classmethod
+    def adopted(cls, pid):
+        """A child the kernel attached to this thread's tracee's tracer as it was forked
+        (PTRACE_O_TRACEFORK): traced already, it reports a PTRACE_EVENT_STOP first."""
+        child = cls(pid)
+        child._owner = threading.get_native_id()
+        child.attached = True
+        return child
+
+    def set_options(self, options):
+        """PTRACE_SETOPTIONS (stopped), TRACESYSGOOD always among them, as at the seize."""
+        self._require_stopped("PTRACE_SETOPTIONS")
+        self._ptrace(PTRACE_SETOPTIONS, 0, options | PTRACE_O_TRACESYSGOOD)
+
+    def event_message(self):
+        """PTRACE_GETEVENTMSG: at a fork event stop, the new child's pid."""
+        message = ctypes.c_ulong()
+        self._ptrace(PTRACE_GETEVENTMSG, 0, ctypes.addressof(message))
+        return message.value
+
     def seize(self, options=0):
         """PTRACE_SEIZE: become the tracer without stopping the thread. TRACESYSGOOD is always added,
         since syscall stops must be told apart from SIGTRAP deliveries."""
@@ -510,11 +537,11 @@ class Tracee:
         self.last_stop = None
         return self
 
-    def interrupt(self):
+    def interrupt(self, seen=None):
         """Stop the thread with PTRACE_INTERRUPT and wait for its PTRACE_EVENT_STOP. Signals that get
-        there first are delivered (the kernel keeps the interrupt pending meanwhile). A group-stop
-        (the thread was already stopped by SIGSTOP & co) is also a PTRACE_EVENT_STOP: see
-        ``Stop.group_stop``. Returns the stop."""
+        there first are delivered (the kernel keeps the interrupt pending meanwhile), other stops
+        passed on, each shown to `seen` first. A group-stop (the thread was already stopped by
+        SIGSTOP & co) is also a PTRACE_EVENT_STOP: see ``Stop.group_stop``. Returns the stop."""
         if self.stopped:
             return self.last_stop
         try:
@@ -538,6 +565,8 @@ class Tracee:
                 raise TraceeExited(self.pid, stop, "the PTRACE_INTERRUPT stop")
             # A signal-delivery-stop must not eat the signal; a syscall or other event stop carries
             # nothing to hand on. Either way the interrupt trap comes next.
+            if seen:
+                seen(stop)
             self.cont(stop.signo if stop.kind == "signal" else 0)
 
     def freeze(self):
@@ -600,13 +629,14 @@ class Tracee:
         self._ptrace(PTRACE_SYSCALL, 0, sig)
         self.stopped = False
 
-    def detach(self, sig=0):
+    def detach(self, sig=0, seen=None):
         """PTRACE_DETACH. A running tracee is interrupted first, since the kernel only detaches from
-        a stopped one. A thread that was group-stopped goes back to its group-stop."""
+        a stopped one (the stops on the way are shown to `seen`). A thread that was group-stopped
+        goes back to its group-stop."""
         if not self.attached:
             return
         if not self.stopped:
-            self.interrupt()
+            self.interrupt(seen)
         try:
             self._ptrace(PTRACE_DETACH, 0, sig)
         finally:

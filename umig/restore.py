@@ -5,14 +5,11 @@ restore → resume: the restorer rebuilds the process from inside (freestanding 
 command per step; at its last syscall, the munmap of its own code, the agent (its tracer) installs
 the final registers, xsave state and signal mask, and lets it run only on commit.
 """
-import contextlib
 import os
-
-import psutil
 
 from umig import postcopy, procfs
 from umig.phases import Phases
-from umig.ptrace import Registers, Tracee, TraceeExited
+from umig.ptrace import Registers, Tracee
 from umig.restorer import Restorer
 from umig.state import credentials, files, memory, mm, registers, rseq, signals, task
 
@@ -51,7 +48,10 @@ class RestoredProcess:
     def resume(self):
         self.phases = Phases()
         if self.pager:
-            self.tracee.cont()  # still traced (and killed with the agent) until every page is in
+            # Still traced (and killed with the agent) until every page is in, with the children
+            # it forks meanwhile.
+            self.tracee.set_options(postcopy.FAMILY_OPTIONS)
+            self.tracee.cont()
         else:
             self.tracee.detach()
         self.phases.mark("resume")
@@ -60,19 +60,12 @@ class RestoredProcess:
         """Post-copy: serve the process's missing pages until all have come, then let it go.
         Returns the process's end if it ended before all had come."""
         ended = self.pager.run(session, records, self.tracee)
-        try:
-            self.tracee.detach()
-        except TraceeExited as e:
-            ended = e.stop  # it ended as the last pages came: its move is complete all the same
-        return ended
+        # One that ended as the last pages came has completed its move all the same.
+        return ended or self.pager.release(self.tracee)
 
     def discard(self):
-        if self.pager and self.pager.forks:
-            # Children it forked during post-copy hold copies of memory that will not all come.
-            with contextlib.suppress(psutil.Error):
-                for child in psutil.Process(self.pid).children(recursive=True):
-                    with contextlib.suppress(psutil.Error):
-                        child.kill()
+        if self.pager:
+            self.pager.kill_children(self.tracee)
         self.restorer.kill()
         if self.pager:
             self.pager.close()

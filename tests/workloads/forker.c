@@ -6,7 +6,9 @@
  * pattern; MODE says what the family does with it:
  *   waits   a child forks a grandchild; each sums the memory, the grandchild first (then it
  *           waits for the trigger), the parent last, each after waiting for its child;
- *   leaves  the parent ends at once; its child sums the memory into DIR/child.txt.
+ *   leaves  the parent ends at once; its child sums the memory into DIR/child.txt;
+ *   staggered  eight children, forked over 90 ms (some while a record of pages is being placed),
+ *           sum it after the trigger; the parent counts those that found it wrong.
  * Args: TRIGGER DIR MIB MODE.
  */
 #include <sys/stat.h>
@@ -31,7 +33,8 @@ int main(int argc, char **argv)
 
 	if (!memory)
 		return 1;
-	say("first", memory_sum(memory, size));
+	unsigned long expected = memory_sum(memory, size);
+	say("first", expected);
 	printf("ready\n");
 	fflush(stdout);
 	while (stat(argv[1], &st) != 0) {
@@ -57,6 +60,30 @@ int main(int argc, char **argv)
 			_exit(rename(temporary, path) != 0);
 		}
 		printf("parent leaves\ndone\n");
+		return 0;
+	}
+	if (strcmp(argv[4], "staggered") == 0) {
+		static const long delays_ms[8] = {0, 5, 10, 20, 30, 45, 60, 90};
+		pid_t children[8];
+		int wrong = 0;
+		for (int i = 0; i < 8; i++) {
+			struct timespec delay = {0, (delays_ms[i] - (i ? delays_ms[i - 1] : 0)) * 1000000L};
+			nanosleep(&delay, NULL);
+			children[i] = fork();
+			if (children[i] < 0)
+				return 1;
+			if (children[i] == 0) {
+				while (stat(argv[1], &st) != 0)
+					nanosleep(&nap, NULL);
+				_exit(memory_sum(memory, size) != expected);
+			}
+		}
+		for (int i = 0; i < 8; i++) {
+			int status;
+			waitpid(children[i], &status, 0);
+			wrong += !WIFEXITED(status) || WEXITSTATUS(status) != 0;
+		}
+		printf("children whose memory was wrong: %d\ndone\n", wrong);
 		return 0;
 	}
 	pid_t child = fork();
