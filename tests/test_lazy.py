@@ -12,7 +12,7 @@ import pytest
 
 from conftest import (alive, assert_maps_equal, assert_same_output, c_workload, migrate, proc_state, read_maps,
                       reference_run, umig_cmd, umig_env, wait_until)
-from umig import dump, postcopy, precopy
+from umig import dump, postcopy, precopy, procfs
 from umig.procfs import PAGE_SIZE
 from umig.state import memory
 from test_failures import (assert_target_clean, finish_and_compare, migrate_expecting_failure,  # noqa: F401
@@ -237,6 +237,8 @@ def test_lazy_children_forked_while_its_pages_arrive(agent, registry, c_make, fa
         assert int(forked[1]) >= 2, forked[0]
     else:
         assert int(forked[1]) == {"waits": 2, "leaves": 1}[family], forked[0]
+    # The family waits for the trigger, untraced again (a traced one would stop at its next signal).
+    assert not procfs.traced_by(agent.proc.pid), "processes of the move are still traced by the agent"
     wl.wait_exit(30)
     wl.fire()
     if family != "leaves":

@@ -23,6 +23,7 @@ import copy
 import ctypes
 import errno
 import os
+import signal
 import struct
 import threading
 import time
@@ -32,7 +33,7 @@ import zmq
 from umig import image, precopy, procfs
 from umig.errors import UmigError
 from umig.ptrace import (PTRACE_EVENT_FORK, PTRACE_EVENT_VFORK, PTRACE_O_EXITKILL, PTRACE_O_TRACEFORK,
-                         PTRACE_O_TRACEVFORK, Tracee, TraceeExited)
+                         PTRACE_O_TRACEVFORK, TraceError, Tracee, TraceeExited)
 from umig.procfs import PAGE_SIZE
 from umig.state import memory
 from umig.transport import PING_INTERVAL
@@ -234,9 +235,9 @@ class Filling:
         return 0
 
     def leave(self):
-        """No page still to come has anywhere to go here any more."""
+        """No page still to come has anywhere to go here any more (its pending pages stay as they
+        were: a child's fork, read before, is taken over from them)."""
         self.gone = True
-        self.pending = PendingPages([])
         self.close()
 
 
@@ -266,7 +267,7 @@ class Pager:
 
     @property
     def missing(self):
-        return sum(filling.pending.count for filling in self.fillings)
+        return sum(filling.pending.count for filling in self.fillings if not filling.gone)
 
     @property
     def memory_gone(self):
@@ -340,9 +341,11 @@ class Pager:
                 except BlockingIOError:
                     break
                 for i in range(0, len(raw), _MSG.size):
-                    if filling.gone:
-                        break
-                    self._event(filling, *_MSG.unpack_from(raw, i), fetch)
+                    message = _MSG.unpack_from(raw, i)
+                    # Read, a fork's event has let the child go on: it is taken over even if
+                    # its parent left this memory as the batch was handled.
+                    if not filling.gone or message[0] == UFFD_EVENT_FORK:
+                        self._event(filling, *message, fetch)
         retry, self._zero_later = self._zero_later, []
         for filling, address in retry:
             self._zero(filling, address)
@@ -383,6 +386,24 @@ class Pager:
             self._leave(filling)
         elif err not in (0, errno.EEXIST, errno.ENOENT):
             raise UmigError(f"UFFDIO_ZEROPAGE at {address:#x} failed: {os.strerror(err)}")
+
+    def _look_after(self, tracee):
+        """Pass on every stop of the family's that is waiting (never blocks). Returns the end of
+        the process (`tracee`) if it has just ended."""
+        ended = None
+        for member in list(self.family):
+            stop = member.poll_stop()
+            if stop is None:
+                continue
+            if stop.stopped:
+                self._follow(member, stop)
+                continue
+            self.family.remove(member)
+            if member is tracee:
+                ended = stop
+                if not self.process.gone:
+                    self._leave(self.process)
+        return ended
 
     def _follow(self, member, stop):
         """Pass a stop of the process or a child of its on: forks add to the family."""
@@ -432,24 +453,15 @@ class Pager:
 
         while True:
             self.events(fetch)
-            for member in list(self.family):
-                stop = member.poll_stop()
-                if stop is None:
-                    continue
-                if stop.stopped:
-                    self._follow(member, stop)
-                    continue
-                self.family.remove(member)
-                if member is tracee:
-                    ended = stop
-                    if not self.process.gone:
-                        self._leave(self.process)
+            ended = self._look_after(tracee) or ended
             if nothing_to_fill():
                 return ended
             while from_source(session.ready):
                 # Faults first, between every record: a process waiting on one page must not wait
-                # for the whole background stream that is queued before its answer.
+                # for the whole background stream that is queued before its answer; nor a fork
+                # or a signal of the family's (each holds its process in a ptrace-stop).
                 self.events(fetch)
+                ended = self._look_after(tracee) or ended
                 last_heard = time.monotonic()
                 record = from_source(next, records)
                 if record.kind == "pages":
@@ -485,18 +497,33 @@ class Pager:
             except TraceeExited as e:
                 if member is tracee:
                     ended = e.stop
+            except TraceError as e:
+                if e.errno != errno.ESRCH:  # killed between its stop and the detach: gone
+                    raise
+        # A child whose parent was killed before its fork was reported is traced all the same.
+        for pid in procfs.traced_by(threading.get_native_id()):
+            self._release(Tracee.adopted(pid))
         return ended
 
     @staticmethod
     def _release(child):
         if child is not None:
-            with contextlib.suppress(TraceeExited):
+            with contextlib.suppress(TraceError):
                 child.detach()
 
     def kill_children(self, tracee):
         """The move failed: the children the process (`tracee`) forked meanwhile, whose memory
         cannot be whole either, go with it. All of them are traced by this thread until the move
-        completes, even one whose fork was not reported yet."""
-        for pid in procfs.traced_by(threading.get_native_id()):
-            if pid != tracee.pid:
+        completes, even one whose fork was not reported yet; the process goes first, and the
+        look is taken again until none is left that could still fork."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(tracee.pid, signal.SIGKILL)
+        for _ in range(100):  # each round kills what the previous one could still have forked
+            children = [pid for pid in procfs.traced_by(threading.get_native_id()) if pid != tracee.pid]
+            if not children:
+                return
+            for pid in children:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            for pid in children:
                 Tracee.adopted(pid).kill()

@@ -60,8 +60,10 @@ class RestoredProcess:
         """Post-copy: serve the process's missing pages until all have come, then let it go.
         Returns the process's end if it ended before all had come."""
         ended = self.pager.run(session, records, self.tracee)
-        # One that ended as the last pages came has completed its move all the same.
-        return ended or self.pager.release(self.tracee)
+        # Children of one that ended go on untraced too; one that ended as the last pages came
+        # has completed its move all the same.
+        released = self.pager.release(self.tracee)
+        return ended or released
 
     def discard(self):
         if self.pager:

@@ -6,7 +6,8 @@
  * pattern; MODE says what the family does with it:
  *   waits   a child forks a grandchild; each sums the memory, the grandchild first (then it
  *           waits for the trigger), the parent last, each after waiting for its child;
- *   leaves  the parent ends at once; its child sums the memory into DIR/child.txt;
+ *   leaves  the parent ends at once; its child, after the trigger, sums the memory into
+ *           DIR/child.txt;
  *   staggered  eight children, forked over 90 ms (some while a record of pages is being placed),
  *           sum it after the trigger; the parent counts those that found it wrong.
  * Args: TRIGGER DIR MIB MODE.
@@ -52,6 +53,8 @@ int main(int argc, char **argv)
 			char path[4096], temporary[4200];
 			snprintf(path, sizeof(path), "%s/child.txt", argv[2]);
 			snprintf(temporary, sizeof(temporary), "%s.part", path);
+			while (stat(argv[1], &st) != 0)
+				nanosleep(&nap, NULL);
 			FILE *out = fopen(temporary, "w");
 			if (!out)
 				_exit(1);
