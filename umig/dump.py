@@ -63,7 +63,7 @@ class Frozen:
         """Trace it (again, after run()): the process first frozen, not one that took its pid
         after it exited while it ran untraced."""
         if self._pidfd is not None and self.exited():
-            raise Refused(f"pid {self.pid} exited while umig copied it")
+            raise self.exited_meanwhile()
         try:
             self.tracee.seize()
         except UmigError as e:
@@ -79,7 +79,11 @@ class Frozen:
             self._pidfd = os.pidfd_open(self.pid)
         elif self.exited():
             self.tracee.detach()
-            raise Refused(f"pid {self.pid} exited while umig copied it")
+            raise self.exited_meanwhile()
+
+    def exited_meanwhile(self):
+        """The refusal for a process that exited between its first freeze and now."""
+        return Refused(f"pid {self.pid} exited while umig copied it")
 
     def exited(self, wait=0.0):
         """Whether the process first frozen has exited (its pidfd turns readable then), waiting

@@ -10,7 +10,7 @@ import os
 import time
 
 from umig import dump, image, postcopy, precopy
-from umig.errors import Refused, UmigError
+from umig.errors import UmigError
 from umig.phases import Phases
 from umig.procfs import PAGE_SIZE
 from umig.state import memory
@@ -64,7 +64,7 @@ def migrate(pid, target, requested_pid_mode="keep", timeout=60.0, live=False, la
         if isinstance(e, ProcessLookupError) and frozen is not None and frozen.exited(wait=1.0):
             # Its memory read while it ran between the freezes (live, lazy), as it ended (its
             # memory goes first: it may not have ended quite yet).
-            news = Refused(f"pid {pid} exited while umig copied it")
+            news = frozen.exited_meanwhile()
         try:
             if frozen is not None:
                 frozen.thaw()  # first: the source must not wait on the network

@@ -20,7 +20,6 @@ side, which still holds the original frozen, resumes it from the moment it was f
 import bisect
 import contextlib
 import copy
-import ctypes
 import errno
 import os
 import signal
@@ -73,7 +72,6 @@ LAZY_FEATURES = UFFD_FEATURE_EVENT_FORK | UFFD_FEATURE_EVENT_REMAP | UFFD_FEATUR
 # per GiB here. Heaps larger than this are not watched for a working set.
 WORKING_SET_WATCH_LIMIT = 64 << 20
 _MSG = struct.Struct("<BBHI24s")
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def split(state, runs, working_set=()):
@@ -157,11 +155,6 @@ def serve(pid, writer, connection, lazy_runs):
 
 # --- target ------------------------------------------------------------------------------------------
 
-class _UffdioZeropage(ctypes.Structure):
-    _fields_ = [("start", ctypes.c_uint64), ("len", ctypes.c_uint64), ("mode", ctypes.c_uint64),
-                ("result", ctypes.c_int64)]
-
-
 class PendingPages:
     """The lazy pages that have not arrived yet, as one bitmap per run (by source address)."""
 
@@ -228,11 +221,6 @@ class Filling:
             if to <= address < to + length:
                 address += frm - to
         return address
-
-    def ioctl(self, request, arg):
-        if _libc.ioctl(self.fd, ctypes.c_ulong(request), ctypes.byref(arg)) < 0:
-            return ctypes.get_errno()
-        return 0
 
     def leave(self):
         """No page still to come has anywhere to go here any more (its pending pages stay as they
@@ -341,16 +329,16 @@ class Pager:
                 except BlockingIOError:
                     break
                 for i in range(0, len(raw), _MSG.size):
-                    message = _MSG.unpack_from(raw, i)
+                    event, _, _, _, arg = _MSG.unpack_from(raw, i)
                     # Read, a fork's event has let the child go on: it is taken over even if
                     # its parent left this memory as the batch was handled.
-                    if not filling.gone or message[0] == UFFD_EVENT_FORK:
-                        self._event(filling, *message, fetch)
+                    if not filling.gone or event == UFFD_EVENT_FORK:
+                        self._event(filling, event, arg, fetch)
         retry, self._zero_later = self._zero_later, []
         for filling, address in retry:
             self._zero(filling, address)
 
-    def _event(self, filling, event, _1, _2, _3, arg, fetch):
+    def _event(self, filling, event, arg, fetch):
         if event == UFFD_EVENT_PAGEFAULT:
             self._fault(filling, struct.unpack_from("<QQ", arg)[1] & ~(PAGE_SIZE - 1), fetch)
         elif event == UFFD_EVENT_FORK:
@@ -379,7 +367,8 @@ class Pager:
         """A zero page where the source had none (the faulting process waits for it)."""
         if filling.gone:
             return
-        err = filling.ioctl(UFFDIO_ZEROPAGE, _UffdioZeropage(start=address, len=PAGE_SIZE))
+        # struct uffdio_zeropage: the range, a mode, and the kernel's result after them.
+        err = memory.uffd_ioctl(filling.fd, UFFDIO_ZEROPAGE, struct.pack("<QQQq", address, PAGE_SIZE, 0, 0))
         if err == errno.EAGAIN:  # the layout is changing (a fork, a move): after its events
             self._zero_later.append((filling, address))
         elif err == errno.ESRCH:

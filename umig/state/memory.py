@@ -742,7 +742,7 @@ def relayout(restorer, old, new, discard, hole):
             restorer.unmap(m["start"], m["end"] - m["start"])
     old_vdso, new_vdso = ([(m["path"], m["start"], m["end"] - m["start"]) for m in section["mappings"]
                            if m["kind"] == "vdso"] for section in (old, new))
-    if sorted(old_vdso) != sorted(new_vdso):
+    if old_vdso != new_vdso:
         _move_vdso(restorer, old_vdso, new, hole)  # it executed another program (execve) meanwhile
     _map_all(restorer, new, [hole], built=kept)
     shared = spans(new, ("shared_anon",))
